@@ -1,0 +1,287 @@
+//! The outbox: the bounded queue of encoded frames between the forwarding workers and
+//! one connection's writer.
+//!
+//! Workers offer frames without ever waiting; the writer takes everything queued at
+//! once and writes it as one batch. The outbox is bounded in bytes. When a frame does
+//! not fit, the host's [`SlowConsumerPolicy`] decides what gives.
+
+use crate::frame::{ErrorCode, Frame, NoticeKind, Text};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use tokio::sync::Notify;
+
+/// What the broker does when a member's outbox is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SlowConsumerPolicy {
+    /// Close the member with the reason "slow consumer" and free what was queued for it.
+    #[default]
+    Disconnect,
+    /// Refuse the new message; the member later gets a notice of how many it missed.
+    DropNewest,
+    /// Discard the oldest queued messages until the new one fits; the member later gets
+    /// a notice of how many it missed.
+    DropOldest,
+}
+
+/// What became of an offered frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Offer {
+    /// Queued for the writer.
+    Queued,
+    /// Queued, after discarding this many older messages to make room.
+    QueuedDropping(u64),
+    /// Not queued: the outbox was full and the policy drops the newest.
+    Dropped,
+    /// Not queued: the outbox overflowed and is now closing the connection.
+    Overflowed,
+    /// Not queued: the connection is closing already.
+    Closed,
+}
+
+/// Why a writer stops, and what it tells the peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CloseReason {
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+/// What the writer found when it came for frames.
+pub(crate) enum Batch {
+    /// Frames were moved into the batch.
+    Frames,
+    /// Nothing is queued and the outbox is open.
+    Empty,
+    /// Nothing is queued and the connection is closing for this reason.
+    Closing(CloseReason),
+}
+
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    ready: Notify,
+    capacity: usize,
+    policy: SlowConsumerPolicy,
+}
+
+struct State {
+    /// Each entry is one encoded frame and whether it is a message (as opposed to a
+    /// control frame, which is never discarded to make room).
+    frames: VecDeque<(Bytes, bool)>,
+    bytes: usize,
+    missed: u64,
+    closing: Option<CloseReason>,
+}
+
+impl Outbox {
+    pub(crate) fn new(capacity: usize, policy: SlowConsumerPolicy) -> Outbox {
+        Outbox {
+            state: Mutex::new(State {
+                frames: VecDeque::new(),
+                bytes: 0,
+                missed: 0,
+                closing: None,
+            }),
+            ready: Notify::new(),
+            capacity,
+            policy,
+        }
+    }
+
+    /// Offers a message frame. Never waits.
+    pub(crate) fn offer(&self, frame: Bytes) -> Offer {
+        self.push(frame, true)
+    }
+
+    /// Queues a control frame (a reply, a notice). It counts against the capacity like
+    /// any frame, so a peer that sends requests but never reads is still bounded.
+    pub(crate) fn control(&self, frame: &Frame) -> Offer {
+        self.push(frame.encode(), false)
+    }
+
+    fn push(&self, frame: Bytes, is_message: bool) -> Offer {
+        let mut state = self.state.lock();
+        if state.closing.is_some() {
+            return Offer::Closed;
+        }
+        let was_empty = state.frames.is_empty();
+
+        let mut discarded = 0;
+        if state.bytes + frame.len() > self.capacity {
+            match self.policy {
+                SlowConsumerPolicy::Disconnect => {
+                    state.frames = VecDeque::new();
+                    state.bytes = 0;
+                    state.closing = Some(CloseReason {
+                        code: ErrorCode::SlowConsumer,
+                        reason: "slow consumer".to_string(),
+                    });
+                    drop(state);
+                    self.ready.notify_one();
+                    return Offer::Overflowed;
+                }
+                SlowConsumerPolicy::DropNewest => {
+                    if is_message {
+                        state.missed += 1;
+                        return Offer::Dropped;
+                    }
+                }
+                SlowConsumerPolicy::DropOldest => {
+                    discarded = state.discard_oldest(self.capacity.saturating_sub(frame.len()));
+                    if discarded == 0 && is_message && state.bytes + frame.len() > self.capacity {
+                        state.missed += 1;
+                        return Offer::Dropped;
+                    }
+                }
+            }
+        }
+
+        // A member that missed messages learns how many before it gets the next one.
+        if state.missed > 0 && is_message {
+            let notice = Frame::Notice {
+                kind: NoticeKind::Missed,
+                request: 0,
+                count: state.missed,
+                subject: Text::default(),
+                text: Text::from("outbox full"),
+            }
+            .encode();
+            state.missed = 0;
+            state.bytes += notice.len();
+            state.frames.push_back((notice, false));
+        }
+        state.bytes += frame.len();
+        state.frames.push_back((frame, is_message));
+        drop(state);
+
+        if was_empty {
+            self.ready.notify_one();
+        }
+        if discarded > 0 {
+            Offer::QueuedDropping(discarded)
+        } else {
+            Offer::Queued
+        }
+    }
+
+    /// Starts closing: the writer sends what is queued, then `reason`, then ends.
+    /// Returns false when the outbox was closing already.
+    pub(crate) fn close(&self, code: ErrorCode, reason: impl Into<String>) -> bool {
+        let mut state = self.state.lock();
+        if state.closing.is_some() {
+            return false;
+        }
+        state.closing = Some(CloseReason {
+            code,
+            reason: reason.into(),
+        });
+        drop(state);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Why the outbox is closing, if it is.
+    pub(crate) fn closing(&self) -> Option<CloseReason> {
+        self.state.lock().closing.clone()
+    }
+
+    /// Moves everything queued into `batch`.
+    pub(crate) fn take(&self, batch: &mut Vec<Bytes>) -> Batch {
+        let mut state = self.state.lock();
+        if state.frames.is_empty() {
+            return match &state.closing {
+                Some(reason) => Batch::Closing(reason.clone()),
+                None => Batch::Empty,
+            };
+        }
+        batch.extend(state.frames.drain(..).map(|(frame, _)| frame));
+        state.bytes = 0;
+        if state.frames.capacity() > 1024 {
+            state.frames.shrink_to(64);
+        }
+        Batch::Frames
+    }
+
+    /// Resolves once frames are queued or the outbox starts closing, after
+    /// [`Outbox::take`] returned [`Batch::Empty`].
+    pub(crate) async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Bytes queued now.
+    #[cfg(test)]
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+}
+
+impl State {
+    /// Discards the oldest messages until at most `target` bytes are queued; control
+    /// frames stay. Returns how many messages went.
+    fn discard_oldest(&mut self, target: usize) -> u64 {
+        let mut discarded = 0;
+        let mut kept = VecDeque::with_capacity(self.frames.len());
+        while let Some((frame, is_message)) = self.frames.pop_front() {
+            if is_message && self.bytes > target {
+                self.bytes -= frame.len();
+                discarded += 1;
+            } else {
+                kept.push_back((frame, is_message));
+            }
+        }
+        self.frames = kept;
+        self.missed += discarded;
+        discarded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Bytes {
+        Bytes::from(vec![0u8; n])
+    }
+
+    #[test]
+    fn disconnect_policy_frees_the_queue_at_overflow() {
+        let outbox = Outbox::new(100, SlowConsumerPolicy::Disconnect);
+        assert_eq!(outbox.offer(frame(60)), Offer::Queued);
+        assert_eq!(outbox.offer(frame(40)), Offer::Queued, "exactly at the cap fits");
+        assert_eq!(outbox.offer(frame(1)), Offer::Overflowed);
+        assert_eq!(outbox.queued_bytes(), 0);
+        assert_eq!(outbox.closing().unwrap().code, ErrorCode::SlowConsumer);
+        assert_eq!(outbox.offer(frame(1)), Offer::Closed);
+    }
+
+    #[test]
+    fn drop_newest_counts_and_notifies_before_the_next_message() {
+        let outbox = Outbox::new(100, SlowConsumerPolicy::DropNewest);
+        assert_eq!(outbox.offer(frame(100)), Offer::Queued);
+        assert_eq!(outbox.offer(frame(10)), Offer::Dropped);
+        assert_eq!(outbox.offer(frame(10)), Offer::Dropped);
+
+        let mut batch = Vec::new();
+        assert!(matches!(outbox.take(&mut batch), Batch::Frames));
+        batch.clear();
+        assert_eq!(outbox.offer(frame(10)), Offer::Queued);
+        outbox.take(&mut batch);
+        assert_eq!(batch.len(), 2);
+        match Frame::decode_message(batch[0].clone(), 1 << 20).unwrap() {
+            Frame::Notice { kind, count, .. } => {
+                assert_eq!(kind, NoticeKind::Missed);
+                assert_eq!(count, 2);
+            }
+            other => panic!("expected a notice, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest() {
+        let outbox = Outbox::new(100, SlowConsumerPolicy::DropOldest);
+        for _ in 0..5 {
+            assert_eq!(outbox.offer(frame(20)), Offer::Queued);
+        }
+        assert_eq!(outbox.offer(frame(30)), Offer::QueuedDropping(2));
+        assert!(outbox.queued_bytes() <= 100 + 64, "the notice is the only excess");
+    }
+}

@@ -1,0 +1,304 @@
+//! The session map: which connections are members of which session, and the user map:
+//! which connections each user holds.
+//!
+//! Both are sharded under `parking_lot` locks so that connections joining different
+//! sessions rarely meet. A session's member list is an `Arc<Vec<_>>` replaced
+//! copy-on-write: a forwarding worker clones the `Arc` under a read lock and releases
+//! the lock before it offers a single frame, so no send ever happens under a lock.
+//!
+//! Lock order: a connection's own membership lock, then a shard lock. Code that
+//! touches several shards takes them one at a time.
+
+use crate::connection::{ConnectionId, ConnectionState};
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Shards per map. A power of two well above the core count keeps contention low.
+const SHARDS: usize = 64;
+
+/// The members of one session, shared with the workers forwarding to it.
+pub(crate) type Members = Arc<Vec<Arc<ConnectionState>>>;
+
+/// A snapshot of one session, as [`crate::Broker::session`] returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// The session's id.
+    pub id: Arc<str>,
+    /// Its members when the snapshot was taken.
+    pub members: Vec<SessionMember>,
+    /// When its first member joined.
+    pub created: SystemTime,
+}
+
+/// One member of a [`Session`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionMember {
+    /// The member connection.
+    pub connection: ConnectionId,
+    /// The user that connection acts as.
+    pub user: Arc<str>,
+}
+
+struct SessionEntry {
+    id: Arc<str>,
+    created: SystemTime,
+    members: Members,
+}
+
+/// Hashes ids to shards; fixed keys, since a shard index only spreads load.
+fn shard_of(id: &str) -> usize {
+    let mut h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+        .build_hasher();
+    id.hash(&mut h);
+    (h.finish() as usize) % SHARDS
+}
+
+/// Picks one of `n` forwarding workers for a target id, so that every message to one
+/// session (or user) goes through the same worker and keeps its order.
+pub(crate) fn worker_of(id: &str, n: usize) -> usize {
+    let mut h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+        .build_hasher();
+    (id, 0x5eed_u16).hash(&mut h);
+    (h.finish() as usize) % n
+}
+
+pub(crate) struct SessionMap {
+    shards: Box<[RwLock<HashMap<Arc<str>, SessionEntry>>]>,
+    count: AtomicUsize,
+}
+
+/// Why a connection could not join a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JoinError {
+    /// The connection is at its limit of sessions.
+    TooMany,
+    /// The connection is closing.
+    Gone,
+}
+
+impl SessionMap {
+    pub(crate) fn new() -> SessionMap {
+        SessionMap {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    /// Sessions that have at least one member.
+    pub(crate) fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The session's id and its members now, for forwarding.
+    pub(crate) fn members(&self, session: &str) -> Option<(Arc<str>, Members)> {
+        let shard = self.shards[shard_of(session)].read();
+        shard
+            .get(session)
+            .map(|entry| (entry.id.clone(), entry.members.clone()))
+    }
+
+    /// A snapshot for the host.
+    pub(crate) fn snapshot(&self, session: &str) -> Option<Session> {
+        let shard = self.shards[shard_of(session)].read();
+        shard.get(session).map(|entry| Session {
+            id: entry.id.clone(),
+            created: entry.created,
+            members: entry
+                .members
+                .iter()
+                .map(|c| SessionMember {
+                    connection: c.id,
+                    user: c.user.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Adds `conn` to `session`, creating the session at its first member. Returns
+    /// false when it was a member already.
+    pub(crate) fn join(
+        &self,
+        conn: &Arc<ConnectionState>,
+        session: &str,
+        max_sessions: usize,
+    ) -> Result<bool, JoinError> {
+        let mut memberships = conn.memberships.lock();
+        if memberships.gone {
+            return Err(JoinError::Gone);
+        }
+        if memberships.sessions.contains(session) {
+            return Ok(false);
+        }
+        if memberships.sessions.len() >= max_sessions {
+            return Err(JoinError::TooMany);
+        }
+
+        let mut shard = self.shards[shard_of(session)].write();
+        let entry = match shard.get_mut(session) {
+            Some(entry) => entry,
+            None => {
+                let id: Arc<str> = Arc::from(session);
+                self.count.fetch_add(1, Ordering::Relaxed);
+                shard.entry(id.clone()).or_insert(SessionEntry {
+                    id,
+                    created: SystemTime::now(),
+                    members: Arc::new(Vec::new()),
+                })
+            }
+        };
+        Arc::make_mut(&mut entry.members).push(conn.clone());
+        memberships.sessions.insert(entry.id.clone());
+        Ok(true)
+    }
+
+    /// Removes `conn` from `session`; frees the session when it was the last member.
+    /// Returns false when it was not a member.
+    pub(crate) fn leave(&self, conn: &ConnectionState, session: &str) -> bool {
+        let mut memberships = conn.memberships.lock();
+        if !memberships.sessions.remove(session) {
+            return false;
+        }
+        self.remove_member(conn.id, session);
+        true
+    }
+
+    /// Removes `conn` from every session and marks it gone, so that no later join can
+    /// add it again. Returns how many sessions it left.
+    pub(crate) fn leave_all(&self, conn: &ConnectionState) -> usize {
+        let sessions = {
+            let mut memberships = conn.memberships.lock();
+            memberships.gone = true;
+            std::mem::take(&mut memberships.sessions)
+        };
+        for session in sessions.iter() {
+            self.remove_member(conn.id, session);
+        }
+        sessions.len()
+    }
+
+    /// Removes a session whole; returns its members, who are no longer in it.
+    pub(crate) fn close(&self, session: &str) -> Option<(Arc<str>, Members)> {
+        let entry = self.shards[shard_of(session)].write().remove(session)?;
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        for member in entry.members.iter() {
+            member.memberships.lock().sessions.remove(session);
+        }
+        Some((entry.id, entry.members))
+    }
+
+    fn remove_member(&self, conn: ConnectionId, session: &str) {
+        let mut shard = self.shards[shard_of(session)].write();
+        let Some(entry) = shard.get_mut(session) else {
+            return;
+        };
+        if entry.members.len() == 1 && entry.members[0].id == conn {
+            shard.remove(session);
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let members = Arc::make_mut(&mut entry.members);
+        if let Some(i) = members.iter().position(|m| m.id == conn) {
+            members.swap_remove(i);
+        }
+    }
+}
+
+/// Every live connection, by id and by user.
+pub(crate) struct Registry {
+    by_user: Box<[RwLock<HashMap<Arc<str>, Vec<Arc<ConnectionState>>>>]>,
+    by_id: Box<[RwLock<HashMap<ConnectionId, Arc<ConnectionState>>>]>,
+    users: AtomicUsize,
+    connections: AtomicUsize,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Registry {
+        Registry {
+            by_user: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            by_id: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            users: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn users(&self) -> usize {
+        self.users.load(Ordering::Relaxed)
+    }
+
+    /// Adds a connection unless that would pass `max`. Returns the user's other
+    /// connections that were there before it.
+    pub(crate) fn insert(
+        &self,
+        conn: &Arc<ConnectionState>,
+        max: usize,
+    ) -> Result<Vec<Arc<ConnectionState>>, ()> {
+        // Reserve a place first so that two handshakes racing for the last one cannot
+        // both win.
+        if self
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(());
+        }
+        self.by_id[id_shard(conn.id)]
+            .write()
+            .insert(conn.id, conn.clone());
+
+        let mut shard = self.by_user[shard_of(&conn.user)].write();
+        let list = shard.entry(conn.user.clone()).or_default();
+        if list.is_empty() {
+            self.users.fetch_add(1, Ordering::Relaxed);
+        }
+        let others = list.clone();
+        list.push(conn.clone());
+        Ok(others)
+    }
+
+    pub(crate) fn remove(&self, conn: &ConnectionState) {
+        if self.by_id[id_shard(conn.id)]
+            .write()
+            .remove(&conn.id)
+            .is_none()
+        {
+            return;
+        }
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+
+        let mut shard = self.by_user[shard_of(&conn.user)].write();
+        if let Some(list) = shard.get_mut(&*conn.user) {
+            list.retain(|c| c.id != conn.id);
+            if list.is_empty() {
+                shard.remove(&*conn.user);
+                self.users.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The user's live connections now.
+    pub(crate) fn of_user(&self, user: &str) -> Vec<Arc<ConnectionState>> {
+        self.by_user[shard_of(user)]
+            .read()
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn get(&self, id: ConnectionId) -> Option<Arc<ConnectionState>> {
+        self.by_id[id_shard(id)].read().get(&id).cloned()
+    }
+}
+
+fn id_shard(id: ConnectionId) -> usize {
+    (id.0 as usize) % SHARDS
+}

@@ -1,0 +1,247 @@
+//! Forwarding workers: each takes messages off its ingress queue, finds the members or
+//! connections of the target, encodes the message once and offers the same buffer to
+//! every outbox.
+//!
+//! Targets are spread over workers by a hash of their id, so every message to one
+//! session goes through one worker, in the order its readers queued it, while other
+//! sessions use the other cores.
+
+use crate::broker::Inner;
+use crate::connection::ConnectionState;
+use crate::frame::{encode_deliver, Frame, NoticeKind, Text};
+use crate::hooks;
+use crate::message::{unix_micros, Message, MessageKind, Target};
+use crate::stats::Counters;
+use crate::transport::WireFormat;
+use bytes::Bytes;
+use std::sync::{Arc, Weak};
+use std::time::SystemTime;
+use tokio::sync::{mpsc, oneshot};
+
+/// The most jobs a worker takes off its queue at once.
+const BATCH: usize = 128;
+
+/// One entry on an ingress queue.
+pub(crate) enum Job {
+    /// A message to every member of a session but the sender.
+    Publish {
+        /// The sending connection; `None` for a push from the host.
+        from: Option<Arc<ConnectionState>>,
+        session: Text,
+        payload: Bytes,
+    },
+    /// A message to every connection of a user but the sender.
+    Direct {
+        from: Option<Arc<ConnectionState>>,
+        user: Text,
+        payload: Bytes,
+        request: u32,
+    },
+    /// Answered once every job queued before it is done.
+    Drain(oneshot::Sender<()>),
+}
+
+/// Runs one worker until its queue closes. Message ids are `index + 1` plus multiples
+/// of `workers`, so workers never hand out the same id and never share a counter.
+pub(crate) async fn run(
+    inner: Weak<Inner>,
+    index: usize,
+    workers: usize,
+    mut queue: mpsc::Receiver<Job>,
+) {
+    let mut next_id = index as u64 + 1;
+    let step = workers as u64;
+    let mut jobs = Vec::with_capacity(BATCH);
+
+    while queue.recv_many(&mut jobs, BATCH).await > 0 {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let mut received = 0;
+        let mut delivered = 0;
+        for job in jobs.drain(..) {
+            let id = next_id;
+            match job {
+                Job::Publish {
+                    from,
+                    session,
+                    payload,
+                } => {
+                    delivered += publish(&inner, id, from.as_ref(), &session, payload);
+                }
+                Job::Direct {
+                    from,
+                    user,
+                    payload,
+                    request,
+                } => {
+                    delivered += direct(&inner, id, from.as_ref(), &user, payload, request);
+                }
+                Job::Drain(done) => {
+                    let _ = done.send(());
+                    continue;
+                }
+            }
+            received += 1;
+            next_id += step;
+        }
+        Counters::add(&inner.counters.received, received);
+        Counters::add(&inner.counters.delivered, delivered);
+    }
+}
+
+/// Encodes a message at most once per wire format, on first need.
+struct Encoded<'a> {
+    id: u64,
+    kind: MessageKind,
+    sent_at_us: u64,
+    sender: &'a str,
+    target: &'a str,
+    payload: &'a Bytes,
+    binary: Option<Bytes>,
+}
+
+impl Encoded<'_> {
+    fn frame(&mut self, format: WireFormat) -> Bytes {
+        match format {
+            WireFormat::Binary => self
+                .binary
+                .get_or_insert_with(|| {
+                    encode_deliver(
+                        self.id,
+                        self.kind,
+                        self.sent_at_us,
+                        self.sender,
+                        self.target,
+                        self.payload,
+                    )
+                })
+                .clone(),
+        }
+    }
+}
+
+/// Offers `frame` to each of `members` but the sender; returns how many took it.
+fn fan_out(
+    inner: &Inner,
+    members: &[Arc<ConnectionState>],
+    from: Option<&Arc<ConnectionState>>,
+    encoded: &mut Encoded<'_>,
+) -> u64 {
+    let sender = from.map(|f| f.id);
+    let mut delivered = 0;
+    for member in members {
+        if Some(member.id) == sender {
+            continue;
+        }
+        if member.deliver(encoded.frame(member.format), inner) {
+            delivered += 1;
+        }
+    }
+    delivered
+}
+
+fn publish(
+    inner: &Inner,
+    id: u64,
+    from: Option<&Arc<ConnectionState>>,
+    session: &Text,
+    payload: Bytes,
+) -> u64 {
+    let sent_at = SystemTime::now();
+    let sender = from.map_or_else(|| inner.host_sender.clone(), |f| f.user.clone());
+    let found = inner.sessions.members(session.as_str());
+
+    let delivered = match &found {
+        Some((session_id, members)) => {
+            let mut encoded = Encoded {
+                id,
+                kind: MessageKind::Session,
+                sent_at_us: unix_micros(sent_at),
+                sender: &sender,
+                target: session_id,
+                payload: &payload,
+                binary: None,
+            };
+            fan_out(inner, members, from, &mut encoded)
+        }
+        None => 0,
+    };
+
+    if let Some(hook) = &inner.hooks.on_message {
+        let target = match found {
+            Some((session_id, _)) => session_id,
+            None => Arc::from(session.as_str()),
+        };
+        let message = Message {
+            id,
+            kind: MessageKind::Session,
+            sender,
+            target: Target::Session(target),
+            sent_at,
+            payload,
+        };
+        hooks::call("on_message", &inner.counters, || {
+            hook(&message, delivered as usize)
+        });
+    }
+    delivered
+}
+
+fn direct(
+    inner: &Inner,
+    id: u64,
+    from: Option<&Arc<ConnectionState>>,
+    user: &Text,
+    payload: Bytes,
+    request: u32,
+) -> u64 {
+    let sent_at = SystemTime::now();
+    let sender = from.map_or_else(|| inner.host_sender.clone(), |f| f.user.clone());
+    let connections = inner.registry.of_user(user.as_str());
+
+    let mut encoded = Encoded {
+        id,
+        kind: MessageKind::Direct,
+        sent_at_us: unix_micros(sent_at),
+        sender: &sender,
+        target: user.as_str(),
+        payload: &payload,
+        binary: None,
+    };
+    let delivered = fan_out(inner, &connections, from, &mut encoded);
+
+    if delivered == 0 {
+        if let Some(from) = from {
+            from.control(
+                &Frame::Notice {
+                    kind: NoticeKind::NotDelivered,
+                    request,
+                    count: 0,
+                    subject: user.clone(),
+                    text: Text::from("no live connection of that user received the message"),
+                },
+                inner,
+            );
+        }
+    }
+
+    if let Some(hook) = &inner.hooks.on_message {
+        let target = match connections.first() {
+            Some(conn) => conn.user.clone(),
+            None => Arc::from(user.as_str()),
+        };
+        let message = Message {
+            id,
+            kind: MessageKind::Direct,
+            sender,
+            target: Target::User(target),
+            sent_at,
+            payload,
+        };
+        hooks::call("on_message", &inner.counters, || {
+            hook(&message, delivered as usize)
+        });
+    }
+    delivered
+}
