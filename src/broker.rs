@@ -53,6 +53,20 @@ pub struct Config {
     /// Whether a new connection of a user closes that user's older ones. Default
     /// false: a user may hold several connections (devices).
     pub replace_older_connections: bool,
+    /// Messages (publishes and direct messages) one connection may send per second,
+    /// with the burst it may send at once; `None` for no limit. Default `None`. A
+    /// message over the rate is refused with an `ERROR` (code `RateLimited`) naming
+    /// its request, and the connection goes on.
+    pub publish_rate: Option<PublishRate>,
+}
+
+/// A per-connection limit on messages sent: a token bucket.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PublishRate {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// The bucket's size: how many messages may be sent at once after a quiet spell.
+    pub burst: u32,
 }
 
 impl Default for Config {
@@ -71,6 +85,7 @@ impl Default for Config {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             ingress_capacity: 4096,
             replace_older_connections: false,
+            publish_rate: None,
         }
     }
 }
@@ -189,6 +204,12 @@ impl Builder {
         self
     }
 
+    /// See [`Config::publish_rate`].
+    pub fn publish_rate(mut self, per_second: f64, burst: u32) -> Self {
+        self.config.publish_rate = Some(PublishRate { per_second, burst });
+        self
+    }
+
     /// Called once for every message the broker forwards, after it was offered to
     /// every recipient, with how many took it.
     pub fn on_message(mut self, hook: impl Fn(&Message, usize) + Send + Sync + 'static) -> Self {
@@ -234,9 +255,21 @@ impl Builder {
     pub fn build(self) -> Broker {
         let config = self.config;
         assert!(config.workers > 0, "workers must be at least 1");
-        assert!(config.ingress_capacity > 0, "ingress_capacity must be at least 1");
+        assert!(
+            config.ingress_capacity > 0,
+            "ingress_capacity must be at least 1"
+        );
         assert!(config.max_frame > 0, "max_frame must be at least 1");
-        assert!(config.max_id_len <= u16::MAX as usize, "max_id_len is at most 65535");
+        assert!(
+            config.max_id_len <= u16::MAX as usize,
+            "max_id_len is at most 65535"
+        );
+        if let Some(rate) = config.publish_rate {
+            assert!(
+                rate.per_second > 0.0 && rate.burst > 0,
+                "publish_rate needs a positive rate and burst"
+            );
+        }
 
         let workers = config.workers;
         let mut queues = Vec::with_capacity(workers);
@@ -406,7 +439,10 @@ impl Broker {
     /// Accepts connections from `transport` until shutdown begins or the transport
     /// runs out. Each connection runs on its own tasks; the returned future only
     /// accepts, so it can be spawned or awaited.
-    pub fn serve<T: Transport>(&self, mut transport: T) -> impl Future<Output = ()> + Send + 'static {
+    pub fn serve<T: Transport>(
+        &self,
+        mut transport: T,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let broker = self.clone();
         async move {
             loop {
@@ -421,7 +457,13 @@ impl Broker {
                         // Running out of file descriptors fails every accept until a
                         // connection closes; pausing keeps that from spinning.
                         warn!(cause = %e, "accept failed");
-                        broker.inner.report_error(None, None, "", ErrorCode::Normal, &e.to_string());
+                        broker.inner.report_error(
+                            None,
+                            None,
+                            "",
+                            ErrorCode::Normal,
+                            &e.to_string(),
+                        );
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
@@ -446,7 +488,11 @@ impl Broker {
     /// # Errors
     ///
     /// Fails when the session id is invalid or the broker is shutting down.
-    pub async fn publish(&self, session: &str, payload: impl Into<Bytes>) -> Result<(), BrokerError> {
+    pub async fn publish(
+        &self,
+        session: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), BrokerError> {
         self.push(session, payload.into(), true).await
     }
 
@@ -497,7 +543,13 @@ impl Broker {
         for conn in inner.resolve(&who.into()) {
             let limit = inner.config.max_sessions_per_connection;
             if let Ok(true) = inner.sessions.join(&conn, session, limit) {
-                connection::notify(inner, &conn, NoticeKind::Joined, session, "added by the host");
+                connection::notify(
+                    inner,
+                    &conn,
+                    NoticeKind::Joined,
+                    session,
+                    "added by the host",
+                );
                 joined += 1;
             }
         }
@@ -511,7 +563,13 @@ impl Broker {
         let mut left = 0;
         for conn in inner.resolve(&who.into()) {
             if inner.sessions.leave(&conn, session) {
-                connection::notify(inner, &conn, NoticeKind::Left, session, "removed by the host");
+                connection::notify(
+                    inner,
+                    &conn,
+                    NoticeKind::Left,
+                    session,
+                    "removed by the host",
+                );
                 left += 1;
             }
         }

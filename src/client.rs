@@ -182,7 +182,8 @@ impl ClientBuilder {
                 max_frame,
                 ..
             })) => (connection, user, heartbeat_ms, max_frame),
-            Ok(Some(Frame::Error { code, reason, .. })) | Ok(Some(Frame::Close { code, reason })) => {
+            Ok(Some(Frame::Error { code, reason, .. }))
+            | Ok(Some(Frame::Close { code, reason })) => {
                 return Err(ClientError::Refused {
                     code,
                     reason: reason.to_string(),
@@ -394,7 +395,11 @@ impl ClientHandle {
     /// [`ClientError::Closed`] when the connection is gone; [`ClientError::InvalidId`]
     /// for an empty or over-long id; [`ClientError::Rejected`] when the frame would be
     /// over the broker's size limit.
-    pub async fn publish(&self, session: &str, payload: impl Into<Bytes>) -> Result<(), ClientError> {
+    pub async fn publish(
+        &self,
+        session: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), ClientError> {
         check_id(session)?;
         let frame = Frame::Publish {
             request: 0,
@@ -410,7 +415,11 @@ impl ClientHandle {
     /// # Errors
     ///
     /// As [`ClientHandle::publish`].
-    pub async fn send_direct(&self, user: &str, payload: impl Into<Bytes>) -> Result<u32, ClientError> {
+    pub async fn send_direct(
+        &self,
+        user: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<u32, ClientError> {
         check_id(user)?;
         let request = self.next_request();
         let frame = Frame::Direct {
@@ -487,13 +496,24 @@ fn check_id(id: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
-async fn write_loop<W: FrameWriter>(mut writer: W, mut out: mpsc::Receiver<Bytes>, heartbeat: Duration) {
+async fn write_loop<W: FrameWriter>(
+    mut writer: W,
+    mut out: mpsc::Receiver<Bytes>,
+    heartbeat: Duration,
+) {
+    let mut ticks = time::interval_at(Instant::now() + heartbeat, heartbeat);
+    ticks.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
+    let mut wrote = false;
     let mut batch = Vec::new();
+
     loop {
-        let received = match time::timeout(heartbeat, out.recv_many(&mut batch, 256)).await {
-            Ok(n) => n,
-            Err(_) => {
-                // Quiet for a whole interval: tell the broker we are alive.
+        let received = tokio::select! {
+            n = out.recv_many(&mut batch, 256) => n,
+            _ = ticks.tick() => {
+                // A PING only after a quiet interval: traffic is proof of life.
+                if std::mem::take(&mut wrote) {
+                    continue;
+                }
                 batch.push(Frame::Ping.encode());
                 1
             }
@@ -501,13 +521,14 @@ async fn write_loop<W: FrameWriter>(mut writer: W, mut out: mpsc::Receiver<Bytes
         if received == 0 {
             break;
         }
-        let closing = batch
-            .last()
-            .is_some_and(|f| f.get(4) == Some(&crate::frame::kind::CLOSE));
+        let closing = batch.last().is_some_and(|f| {
+            f.get(crate::frame::LENGTH_PREFIX) == Some(&crate::frame::kind::CLOSE)
+        });
         if writer.write_frames(&mut batch).await.is_err() {
             return;
         }
         batch.clear();
+        wrote = true;
         if closing {
             break;
         }
@@ -524,14 +545,36 @@ async fn read_loop<R: FrameReader>(
     heartbeat: Duration,
 ) {
     // The broker pings after each quiet interval, so three silent ones mean it is gone.
+    // Silence is checked once per interval; a frame only sets a flag.
     let silence = heartbeat * 3;
+    let mut ticks = time::interval_at(Instant::now() + heartbeat, heartbeat);
+    ticks.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut heard = false;
+
     let (code, reason) = loop {
-        let frame = match time::timeout_at(Instant::now() + silence, reader.read_frame(max_frame)).await {
-            Err(_) => break (ErrorCode::IdleTimeout, "nothing heard from the broker".to_string()),
-            Ok(Ok(Some(frame))) => frame,
-            Ok(Ok(None)) => break (ErrorCode::Normal, "the broker closed the connection".to_string()),
-            Ok(Err(e)) => break (ErrorCode::Normal, e.to_string()),
+        let frame = tokio::select! {
+            now = ticks.tick() => {
+                if std::mem::take(&mut heard) {
+                    last_heard = now;
+                } else if now.duration_since(last_heard) >= silence {
+                    break (ErrorCode::IdleTimeout, "nothing heard from the broker".to_string());
+                }
+                continue;
+            }
+            frame = reader.read_frame(max_frame) => frame,
         };
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                break (
+                    ErrorCode::Normal,
+                    "the broker closed the connection".to_string(),
+                )
+            }
+            Err(e) => break (ErrorCode::Normal, e.to_string()),
+        };
+        heard = true;
         let event = match frame {
             Frame::Deliver {
                 id,

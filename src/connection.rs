@@ -5,7 +5,7 @@
 //! fall behind, which slows that publisher and nobody else. The writer drains the
 //! outbox a batch at a time. Neither ever touches another connection.
 
-use crate::broker::Inner;
+use crate::broker::{Inner, PublishRate};
 use crate::error::ReadError;
 use crate::frame::{ErrorCode, Frame, NoticeKind, Text, PROTOCOL_VERSION};
 use crate::hooks::{self, Admission, ConnectInfo, DisconnectInfo, LagInfo};
@@ -110,6 +110,39 @@ impl ConnectionState {
     }
 }
 
+/// A token bucket limiting the messages one connection sends.
+struct RateLimit {
+    tokens: f64,
+    per_second: f64,
+    burst: f64,
+    refilled: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: PublishRate) -> RateLimit {
+        RateLimit {
+            tokens: f64::from(rate.burst),
+            per_second: rate.per_second,
+            burst: f64::from(rate.burst),
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// How the read loop ended.
 enum ReadEnd {
     /// The connection is over for this reason.
@@ -166,7 +199,10 @@ pub(crate) async fn run<R: FrameReader, W: FrameWriter>(
     inner.sessions.leave_all(&state);
     inner.registry.remove(&state);
     state.outbox.close(end.code, end.reason);
-    let end = state.outbox.closing().unwrap_or_else(|| reason(ErrorCode::Normal, ""));
+    let end = state
+        .outbox
+        .closing()
+        .unwrap_or_else(|| reason(ErrorCode::Normal, ""));
     let _ = writer.await;
 
     debug!(connection = %id, user = %state.user, code = ?end.code, reason = %end.reason, "disconnected");
@@ -277,7 +313,10 @@ async fn handshake<R: FrameReader>(
     };
     if config.replace_older_connections {
         for old in older {
-            old.end(ErrorCode::Replaced, "replaced by a newer connection of the same user");
+            old.end(
+                ErrorCode::Replaced,
+                "replaced by a newer connection of the same user",
+            );
         }
     }
 
@@ -341,6 +380,7 @@ async fn read_loop<R: FrameReader>(
     ticks.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut heard = false;
+    let mut rate = config.publish_rate.map(RateLimit::new);
     let mut counted = reader.bytes_read();
     Counters::add(&inner.counters.bytes_in, counted);
 
@@ -380,6 +420,16 @@ async fn read_loop<R: FrameReader>(
         };
         heard = true;
 
+        if let (Some(rate), Frame::Publish { request, .. } | Frame::Direct { request, .. }) =
+            (&mut rate, &frame)
+        {
+            if !rate.take() {
+                let detail = "over this connection's message rate; message dropped".to_string();
+                refuse_request(inner, state, *request, ErrorCode::RateLimited, detail);
+                Counters::add(&inner.counters.dropped, 1);
+                continue;
+            }
+        }
         if let Err(end) = handle(inner, state, peer, frame).await {
             return end;
         }
@@ -410,7 +460,10 @@ async fn handle(
                 session,
                 payload,
             };
-            inner.enqueue(worker, job).await.map_err(|_| ReadEnd::Shutdown)
+            inner
+                .enqueue(worker, job)
+                .await
+                .map_err(|_| ReadEnd::Shutdown)
         }
         Frame::Direct {
             request,
@@ -428,7 +481,10 @@ async fn handle(
                 payload,
                 request,
             };
-            inner.enqueue(worker, job).await.map_err(|_| ReadEnd::Shutdown)
+            inner
+                .enqueue(worker, job)
+                .await
+                .map_err(|_| ReadEnd::Shutdown)
         }
         Frame::Subscribe { request, session } => {
             if let Err(detail) = inner.check_id("session", session.as_str()) {
@@ -515,7 +571,13 @@ fn reject(
 ) -> CloseReason {
     inner.counters.rejected.fetch_add(1, Relaxed);
     warn!(connection = %state.id, user = %state.user, %peer, ?code, reason = %detail, "bad input; closing");
-    inner.report_error(Some(state.id), Some(state.user.clone()), peer, code, &detail);
+    inner.report_error(
+        Some(state.id),
+        Some(state.user.clone()),
+        peer,
+        code,
+        &detail,
+    );
     state.control(
         &Frame::Error {
             request: 0,

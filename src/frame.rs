@@ -583,7 +583,15 @@ impl Frame {
                 target,
                 payload,
             } => {
-                put_deliver_body(buf, *id, *kind, *sent_at_us, sender.as_str(), target.as_str(), payload);
+                put_deliver_body(
+                    buf,
+                    *id,
+                    *kind,
+                    *sent_at_us,
+                    sender.as_str(),
+                    target.as_str(),
+                    payload,
+                );
             }
             Frame::Notice {
                 kind,
@@ -645,7 +653,10 @@ impl Frame {
     ///
     /// Fails as soon as the length prefix is over `max_frame` (the body is not
     /// waited for), or when a whole frame is not valid.
-    pub fn decode_stream(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, DecodeError> {
+    pub fn decode_stream(
+        buf: &mut BytesMut,
+        max_frame: usize,
+    ) -> Result<Option<Frame>, DecodeError> {
         if buf.len() < LENGTH_PREFIX {
             return Ok(None);
         }
@@ -904,6 +915,9 @@ mod tests {
         let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, kind::PING][..]);
         let err = Frame::decode_stream(&mut buf, 1024).unwrap_err();
         assert_eq!(err.code(), ErrorCode::FrameTooLarge);
-        assert!(buf.capacity() < 1024, "nothing was reserved for the claimed length");
+        assert!(
+            buf.capacity() < 1024,
+            "nothing was reserved for the claimed length"
+        );
     }
 }

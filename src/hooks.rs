@@ -83,7 +83,8 @@ pub struct LagInfo {
 }
 
 pub(crate) type MessageHook = Arc<dyn Fn(&Message, usize) + Send + Sync>;
-pub(crate) type ConnectHook = Arc<dyn Fn(ConnectInfo) -> BoxFuture<'static, Admission> + Send + Sync>;
+pub(crate) type ConnectHook =
+    Arc<dyn Fn(ConnectInfo) -> BoxFuture<'static, Admission> + Send + Sync>;
 pub(crate) type DisconnectHook = Arc<dyn Fn(&DisconnectInfo) + Send + Sync>;
 pub(crate) type ErrorHook = Arc<dyn Fn(&ErrorInfo) + Send + Sync>;
 pub(crate) type LagHook = Arc<dyn Fn(&LagInfo) + Send + Sync>;

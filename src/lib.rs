@@ -74,7 +74,7 @@ pub mod stats;
 pub mod transport;
 mod worker;
 
-pub use broker::{Broker, Builder, Config, Who};
+pub use broker::{Broker, Builder, Config, PublishRate, Who};
 pub use bytes::Bytes;
 pub use client::{Client, ClientBuilder, ClientHandle, Event, Events, Notice};
 pub use connection::ConnectionId;
@@ -86,3 +86,8 @@ pub use outbox::SlowConsumerPolicy;
 pub use session::{Session, SessionMember};
 pub use stats::Stats;
 pub use transport::{Connection, MemoryConnector, MemoryTransport, TcpTransport, Transport};
+
+/// The README's examples run as doctests, so the README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

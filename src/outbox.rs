@@ -246,7 +246,11 @@ mod tests {
     fn disconnect_policy_frees_the_queue_at_overflow() {
         let outbox = Outbox::new(100, SlowConsumerPolicy::Disconnect);
         assert_eq!(outbox.offer(frame(60)), Offer::Queued);
-        assert_eq!(outbox.offer(frame(40)), Offer::Queued, "exactly at the cap fits");
+        assert_eq!(
+            outbox.offer(frame(40)),
+            Offer::Queued,
+            "exactly at the cap fits"
+        );
         assert_eq!(outbox.offer(frame(1)), Offer::Overflowed);
         assert_eq!(outbox.queued_bytes(), 0);
         assert_eq!(outbox.closing().unwrap().code, ErrorCode::SlowConsumer);
@@ -282,6 +286,9 @@ mod tests {
             assert_eq!(outbox.offer(frame(20)), Offer::Queued);
         }
         assert_eq!(outbox.offer(frame(30)), Offer::QueuedDropping(2));
-        assert!(outbox.queued_bytes() <= 100 + 64, "the notice is the only excess");
+        assert!(
+            outbox.queued_bytes() <= 100 + 64,
+            "the notice is the only excess"
+        );
     }
 }

@@ -51,8 +51,9 @@ struct SessionEntry {
 
 /// Hashes ids to shards; fixed keys, since a shard index only spreads load.
 fn shard_of(id: &str) -> usize {
-    let mut h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-        .build_hasher();
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
     id.hash(&mut h);
     (h.finish() as usize) % SHARDS
 }
@@ -60,8 +61,9 @@ fn shard_of(id: &str) -> usize {
 /// Picks one of `n` forwarding workers for a target id, so that every message to one
 /// session (or user) goes through the same worker and keeps its order.
 pub(crate) fn worker_of(id: &str, n: usize) -> usize {
-    let mut h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-        .build_hasher();
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
     (id, 0x5eed_u16).hash(&mut h);
     (h.finish() as usize) % n
 }
