@@ -487,7 +487,8 @@ impl Broker {
     ///
     /// # Errors
     ///
-    /// Fails when the session id is invalid or the broker is shutting down.
+    /// Fails when the session id is invalid, the payload is over
+    /// [`Config::max_frame`], or the broker is shutting down.
     pub async fn publish(
         &self,
         session: &str,
@@ -501,7 +502,8 @@ impl Broker {
     ///
     /// # Errors
     ///
-    /// Fails when the user id is invalid or the broker is shutting down.
+    /// Fails when the user id is invalid, the payload is over [`Config::max_frame`],
+    /// or the broker is shutting down.
     pub async fn send_to(&self, user: &str, payload: impl Into<Bytes>) -> Result<(), BrokerError> {
         self.push(user, payload.into(), false).await
     }
@@ -509,6 +511,12 @@ impl Broker {
     async fn push(&self, target: &str, payload: Bytes, session: bool) -> Result<(), BrokerError> {
         let inner = &self.inner;
         inner.check_host_id(target)?;
+        if payload.len() > inner.config.max_frame {
+            return Err(BrokerError::TooLarge {
+                size: payload.len(),
+                max: inner.config.max_frame,
+            });
+        }
         if inner.shutting_down.load(Ordering::Acquire) {
             return Err(BrokerError::ShuttingDown);
         }

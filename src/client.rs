@@ -163,6 +163,12 @@ impl ClientBuilder {
         if self.user.is_empty() || self.user.len() > u16::MAX as usize {
             return Err(ClientError::InvalidId(self.user));
         }
+        if self.token.len() > u16::MAX as usize {
+            return Err(ClientError::Protocol(format!(
+                "a token is at most 65535 bytes, this one is {}",
+                self.token.len()
+            )));
+        }
         let mut hello = vec![Frame::Hello {
             version: PROTOCOL_VERSION,
             user: Text::from(self.user.as_str()),
@@ -511,19 +517,21 @@ async fn write_loop<W: FrameWriter>(
             n = out.recv_many(&mut batch, 256) => n,
             _ = ticks.tick() => {
                 // A PING only after a quiet interval: traffic is proof of life.
-                if std::mem::take(&mut wrote) {
-                    continue;
+                if !std::mem::take(&mut wrote) {
+                    let mut ping = vec![Frame::Ping.encode()];
+                    if writer.write_frames(&mut ping).await.is_err() {
+                        return;
+                    }
                 }
-                batch.push(Frame::Ping.encode());
-                1
+                continue;
             }
         };
         if received == 0 {
             break;
         }
-        let closing = batch.last().is_some_and(|f| {
-            f.get(crate::frame::LENGTH_PREFIX) == Some(&crate::frame::kind::CLOSE)
-        });
+        let closing = batch
+            .iter()
+            .any(|f| f.get(crate::frame::LENGTH_PREFIX) == Some(&crate::frame::kind::CLOSE));
         if writer.write_frames(&mut batch).await.is_err() {
             return;
         }

@@ -304,6 +304,18 @@ async fn handshake<R: FrameReader>(
         }),
         closed: CancellationToken::new(),
     });
+    // WELCOME goes first in the outbox: once registered, the connection can be sent
+    // messages and notices at any moment.
+    state.control(
+        &Frame::Welcome {
+            version: PROTOCOL_VERSION,
+            connection: id.0,
+            user: Text::from(&*state.user),
+            heartbeat_ms: config.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
+            max_frame: config.max_frame.min(u32::MAX as usize) as u32,
+        },
+        inner,
+    );
     let Ok(older) = inner.registry.insert(&state, config.max_connections) else {
         let detail = format!(
             "the broker is at its limit of {} connections",
@@ -320,16 +332,6 @@ async fn handshake<R: FrameReader>(
         }
     }
 
-    state.control(
-        &Frame::Welcome {
-            version: PROTOCOL_VERSION,
-            connection: id.0,
-            user: Text::from(&*state.user),
-            heartbeat_ms: config.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
-            max_frame: config.max_frame.min(u32::MAX as usize) as u32,
-        },
-        inner,
-    );
     Ok(state)
 }
 
@@ -372,10 +374,11 @@ async fn read_loop<R: FrameReader>(
 ) -> ReadEnd {
     let config = &inner.config;
 
-    // Silence is checked once per tick instead of arming a timer per frame: a frame
-    // only sets a flag. A silent peer is closed between the idle timeout and the idle
-    // timeout plus one tick.
-    let tick = config.heartbeat_interval.min(config.idle_timeout);
+    // Silence is checked on a tick instead of arming a timer per frame: a frame only
+    // sets a flag, and the tick that sees it takes its own time as the last time
+    // heard, up to one tick late. Ticking at half the heartbeat interval closes a
+    // silent peer within the idle timeout plus one heartbeat interval.
+    let tick = config.heartbeat_interval.min(config.idle_timeout) / 2;
     let mut ticks = time::interval_at(Instant::now() + tick, tick);
     ticks.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
@@ -607,13 +610,14 @@ async fn write_loop<W: FrameWriter>(mut writer: W, state: Arc<ConnectionState>, 
                     _ = ticks.tick() => {
                         // A PING only after a quiet interval: traffic is proof of life.
                         if !std::mem::take(&mut wrote) {
-                            batch.push(Frame::Ping.encode());
+                            let mut ping = vec![Frame::Ping.encode()];
+                            if !write_batch(&mut writer, &mut ping, &state, &inner).await {
+                                return;
+                            }
                         }
                     }
                 }
-                if batch.is_empty() {
-                    continue;
-                }
+                continue;
             }
             Batch::Closing(end) => {
                 batch.push(
@@ -623,33 +627,47 @@ async fn write_loop<W: FrameWriter>(mut writer: W, state: Arc<ConnectionState>, 
                     }
                     .encode(),
                 );
-                let bytes = batch.iter().map(|f| f.len() as u64).sum();
-                if let Ok(Ok(())) = time::timeout(limit, writer.write_frames(&mut batch)).await {
-                    Counters::add(&inner.counters.bytes_out, bytes);
+                if write_batch(&mut writer, &mut batch, &state, &inner).await {
+                    let _ = time::timeout(limit, writer.close()).await;
                 }
-                let _ = time::timeout(limit, writer.close()).await;
                 return;
             }
         }
 
-        let bytes = batch.iter().map(|f| f.len() as u64).sum();
-        match time::timeout(limit, writer.write_frames(&mut batch)).await {
-            Ok(Ok(())) => {
-                Counters::add(&inner.counters.bytes_out, bytes);
-                wrote = true;
-            }
-            Ok(Err(e)) => {
-                debug!(connection = %state.id, cause = %e, "write failed");
-                state.end(ErrorCode::Normal, format!("transport error: {e}"));
-                return;
-            }
-            Err(_) => {
-                warn!(connection = %state.id, timeout = ?limit, "write timed out; closing");
-                state.end(ErrorCode::SlowConsumer, "write timed out");
-                return;
-            }
+        if !write_batch(&mut writer, &mut batch, &state, &inner).await {
+            return;
         }
-        batch.clear();
+        wrote = true;
+    }
+}
+
+/// Writes one batch within the write timeout; on failure ends the connection and
+/// returns false.
+async fn write_batch<W: FrameWriter>(
+    writer: &mut W,
+    batch: &mut Vec<Bytes>,
+    state: &ConnectionState,
+    inner: &Inner,
+) -> bool {
+    let limit = inner.config.write_timeout;
+    let bytes = batch.iter().map(|f| f.len() as u64).sum();
+    let result = time::timeout(limit, writer.write_frames(batch)).await;
+    batch.clear();
+    match result {
+        Ok(Ok(())) => {
+            Counters::add(&inner.counters.bytes_out, bytes);
+            true
+        }
+        Ok(Err(e)) => {
+            debug!(connection = %state.id, cause = %e, "write failed");
+            state.end(ErrorCode::Normal, format!("transport error: {e}"));
+            false
+        }
+        Err(_) => {
+            warn!(connection = %state.id, timeout = ?limit, "write timed out; closing");
+            state.end(ErrorCode::SlowConsumer, "write timed out");
+            false
+        }
     }
 }
 

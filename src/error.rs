@@ -20,6 +20,14 @@ pub enum BrokerError {
     /// The broker is shutting down and takes no new messages.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// A payload larger than the broker's frame limit.
+    #[error("payload of {size} bytes is over the frame limit of {max} bytes")]
+    TooLarge {
+        /// The payload's size.
+        size: usize,
+        /// The limit in force ([`crate::Config::max_frame`]).
+        max: usize,
+    },
     /// A session or user id is empty or longer than the limit.
     #[error("invalid id {id:?}: must be 1 to {max} bytes")]
     InvalidId {

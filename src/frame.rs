@@ -19,6 +19,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Bytes taken by the length prefix in front of every frame.
 pub const LENGTH_PREFIX: usize = 4;
 
+/// The most a stream decoder reserves ahead of bytes that have arrived.
+const RESERVE_STEP: usize = 64 * 1024;
+
 /// Frame kind bytes, as they appear on the wire.
 pub mod kind {
     /// Client to broker: opens a connection (version, user id, token).
@@ -80,15 +83,37 @@ impl Text {
     }
 }
 
+/// The most bytes a string field can hold on the wire.
+pub const MAX_TEXT: usize = u16::MAX as usize;
+
+/// The longest prefix of `s` that fits a string field, cut at a character boundary.
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_TEXT {
+        return s;
+    }
+    let mut end = MAX_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Makes a `Text` from a string, cut to [`MAX_TEXT`] bytes at a character boundary
+/// when it is longer, so that every `Text` fits a string field. Ids are checked
+/// against their limits before they get here; only free-form reasons are ever cut.
 impl From<&str> for Text {
     fn from(s: &str) -> Text {
-        Text(Bytes::copy_from_slice(s.as_bytes()))
+        Text(Bytes::copy_from_slice(clip(s).as_bytes()))
     }
 }
 
 impl From<String> for Text {
     fn from(s: String) -> Text {
-        Text(Bytes::from(s))
+        if s.len() <= MAX_TEXT {
+            Text(Bytes::from(s))
+        } else {
+            Text::from(s.as_str())
+        }
     }
 }
 
@@ -646,8 +671,8 @@ impl Frame {
     /// Decodes a frame from the front of a stream buffer, removing its bytes.
     ///
     /// Returns `Ok(None)` when `buf` does not yet hold a whole frame. When it holds
-    /// the start of a frame, room for the rest is reserved so that the next read can
-    /// complete it; no more than `max_frame` bytes are ever reserved.
+    /// the start of a frame, room for more of it is reserved, at most 64 KiB ahead of
+    /// what has arrived, so a peer's claim alone never sizes an allocation.
     ///
     /// # Errors
     ///
@@ -669,7 +694,9 @@ impl Frame {
         }
         let total = LENGTH_PREFIX + length;
         if buf.len() < total {
-            buf.reserve(total - buf.len());
+            // Room for the rest, but only a bounded step at a time: a peer that
+            // announces a large frame and sends nothing more costs little.
+            buf.reserve((total - buf.len()).min(RESERVE_STEP));
             return Ok(None);
         }
         buf.advance(LENGTH_PREFIX);
@@ -773,7 +800,7 @@ pub(crate) fn encode_deliver(
 ) -> Bytes {
     let body = 1 + deliver_body_len(sender, target, payload.len());
     let mut buf = BytesMut::with_capacity(LENGTH_PREFIX + body);
-    buf.put_u32(body as u32);
+    buf.put_u32(u32::try_from(body).expect("frame longer than u32::MAX"));
     buf.put_u8(kind::DELIVER);
     put_deliver_body(&mut buf, id, kind, sent_at_us, sender, target, payload);
     buf.freeze()

@@ -11,8 +11,9 @@
 
 use crate::connection::{ConnectionId, ConnectionState};
 use parking_lot::RwLock;
+use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -49,27 +50,46 @@ struct SessionEntry {
     members: Members,
 }
 
-/// Hashes ids to shards; fixed keys, since a shard index only spreads load.
+/// Hashes with fixed keys: a shard or worker index only spreads load, and must be the
+/// same for an id every time.
+fn fixed_hash(value: impl Hash) -> usize {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value) as usize
+}
+
+/// The shard an id lives in.
 fn shard_of(id: &str) -> usize {
-    let mut h =
-        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-            .build_hasher();
-    id.hash(&mut h);
-    (h.finish() as usize) % SHARDS
+    fixed_hash(id) % SHARDS
 }
 
 /// Picks one of `n` forwarding workers for a target id, so that every message to one
 /// session (or user) goes through the same worker and keeps its order.
 pub(crate) fn worker_of(id: &str, n: usize) -> usize {
-    let mut h =
-        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-            .build_hasher();
-    (id, 0x5eed_u16).hash(&mut h);
-    (h.finish() as usize) % n
+    fixed_hash((id, 0x5eed_u16)) % n
+}
+
+/// A map split into [`SHARDS`] maps, each under its own lock.
+struct Sharded<K, V> {
+    shards: Box<[RwLock<HashMap<K, V>>]>,
+}
+
+impl<K, V> Sharded<K, V> {
+    fn new() -> Self {
+        Sharded {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl<K, V> std::ops::Index<usize> for Sharded<K, V> {
+    type Output = RwLock<HashMap<K, V>>;
+
+    fn index(&self, shard: usize) -> &Self::Output {
+        &self.shards[shard]
+    }
 }
 
 pub(crate) struct SessionMap {
-    shards: Box<[RwLock<HashMap<Arc<str>, SessionEntry>>]>,
+    shards: Sharded<Arc<str>, SessionEntry>,
     count: AtomicUsize,
 }
 
@@ -85,7 +105,7 @@ pub(crate) enum JoinError {
 impl SessionMap {
     pub(crate) fn new() -> SessionMap {
         SessionMap {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: Sharded::new(),
             count: AtomicUsize::new(0),
         }
     }
@@ -211,8 +231,8 @@ impl SessionMap {
 
 /// Every live connection, by id and by user.
 pub(crate) struct Registry {
-    by_user: Box<[RwLock<HashMap<Arc<str>, Vec<Arc<ConnectionState>>>>]>,
-    by_id: Box<[RwLock<HashMap<ConnectionId, Arc<ConnectionState>>>]>,
+    by_user: Sharded<Arc<str>, Vec<Arc<ConnectionState>>>,
+    by_id: Sharded<ConnectionId, Arc<ConnectionState>>,
     users: AtomicUsize,
     connections: AtomicUsize,
 }
@@ -220,8 +240,8 @@ pub(crate) struct Registry {
 impl Registry {
     pub(crate) fn new() -> Registry {
         Registry {
-            by_user: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            by_id: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            by_user: Sharded::new(),
+            by_id: Sharded::new(),
             users: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
         }
