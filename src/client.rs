@@ -224,7 +224,7 @@ impl ClientBuilder {
             reader,
             self.max_frame,
             shared.clone(),
-            out_tx.clone(),
+            out_tx.downgrade(),
             event_tx,
             heartbeat,
         ));
@@ -538,9 +538,18 @@ async fn write_loop<W: FrameWriter>(
         batch.clear();
         wrote = true;
         if closing {
-            break;
+            let _ = writer.close().await;
+            return;
         }
     }
+
+    // Every handle is gone without a close: say goodbye for the client.
+    let mut close = vec![Frame::Close {
+        code: ErrorCode::Normal,
+        reason: Text::from("client dropped"),
+    }
+    .encode()];
+    let _ = writer.write_frames(&mut close).await;
     let _ = writer.close().await;
 }
 
@@ -548,7 +557,7 @@ async fn read_loop<R: FrameReader>(
     mut reader: R,
     max_frame: usize,
     shared: Arc<Shared>,
-    out: mpsc::Sender<Bytes>,
+    out: mpsc::WeakSender<Bytes>,
     events: mpsc::Sender<Event>,
     heartbeat: Duration,
 ) {
@@ -656,7 +665,11 @@ async fn read_loop<R: FrameReader>(
                 },
             }),
             Frame::Ping => {
-                let _ = out.try_send(Frame::Pong.encode());
+                // Only a weak sender is kept here, so that dropping every handle
+                // still closes the connection.
+                if let Some(out) = out.upgrade() {
+                    let _ = out.try_send(Frame::Pong.encode());
+                }
                 continue;
             }
             Frame::Pong => continue,
@@ -668,8 +681,10 @@ async fn read_loop<R: FrameReader>(
                 )
             }
         };
-        if events.send(event).await.is_err() {
-            break (ErrorCode::Normal, "the client was dropped".to_string());
+        // With the event stream dropped, a client that only sends keeps working:
+        // events are read and discarded so the broker never sees a slow consumer.
+        if !events.is_closed() {
+            let _ = events.send(event).await;
         }
     };
 
