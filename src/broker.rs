@@ -250,8 +250,10 @@ impl Builder {
     ///
     /// # Panics
     ///
-    /// Panics outside a Tokio runtime, and when `workers`, `ingress_capacity` or
-    /// `max_frame` is zero or `max_id_len` is over 65,535.
+    /// Panics outside a Tokio runtime; when `workers`, `ingress_capacity` or
+    /// `max_frame` is zero; when `max_id_len` is over 65,535; when
+    /// `heartbeat_interval` or `idle_timeout` is under 1 ms; and when a publish rate
+    /// is not positive.
     pub fn build(self) -> Broker {
         let config = self.config;
         assert!(config.workers > 0, "workers must be at least 1");

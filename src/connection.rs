@@ -67,11 +67,9 @@ impl ConnectionState {
                 self.lagged(inner, 1, false);
                 false
             }
-            Offer::Overflowed => {
-                self.closed.cancel();
-                inner.counters.slow_consumers.fetch_add(1, Relaxed);
-                warn!(connection = %self.id, user = %self.user, "slow consumer: outbox full, closing");
-                self.lagged(inner, 1, true);
+            Offer::Overflowed(freed) => {
+                self.overflowed(inner);
+                self.lagged(inner, freed + 1, true);
                 false
             }
             Offer::Closed => {
@@ -96,11 +94,16 @@ impl ConnectionState {
 
     /// Queues a control frame (a reply or a notice).
     pub(crate) fn control(&self, frame: &Frame, inner: &Inner) {
-        if self.outbox.control(frame) == Offer::Overflowed {
-            self.closed.cancel();
-            inner.counters.slow_consumers.fetch_add(1, Relaxed);
-            warn!(connection = %self.id, user = %self.user, "slow consumer: outbox full, closing");
+        if let Offer::Overflowed(freed) = self.outbox.control(frame) {
+            self.overflowed(inner);
+            self.lagged(inner, freed, true);
         }
+    }
+
+    fn overflowed(&self, inner: &Inner) {
+        self.closed.cancel();
+        inner.counters.slow_consumers.fetch_add(1, Relaxed);
+        warn!(connection = %self.id, user = %self.user, "slow consumer: outbox full, closing");
     }
 
     /// Ends the connection: what is queued is still written, then a `CLOSE` frame.
@@ -637,6 +640,7 @@ async fn write_loop<W: FrameWriter>(mut writer: W, state: Arc<ConnectionState>, 
         if !write_batch(&mut writer, &mut batch, &state, &inner).await {
             return;
         }
+        state.outbox.written();
         wrote = true;
     }
 }

@@ -33,8 +33,9 @@ pub(crate) enum Offer {
     QueuedDropping(u64),
     /// Not queued: the outbox was full and the policy drops the newest.
     Dropped,
-    /// Not queued: the outbox overflowed and is now closing the connection.
-    Overflowed,
+    /// Not queued: the outbox overflowed and is now closing the connection; this many
+    /// queued messages were freed with it.
+    Overflowed(u64),
     /// Not queued: the connection is closing already.
     Closed,
 }
@@ -67,7 +68,11 @@ struct State {
     /// Each entry is one encoded frame and whether it is a message (as opposed to a
     /// control frame, which is never discarded to make room).
     frames: VecDeque<(Bytes, bool)>,
+    /// Bytes in `frames`.
     bytes: usize,
+    /// Bytes the writer took and has not finished writing: still held for the peer,
+    /// so they count against the capacity too.
+    in_flight: usize,
     missed: u64,
     closing: Option<CloseReason>,
 }
@@ -78,6 +83,7 @@ impl Outbox {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
                 bytes: 0,
+                in_flight: 0,
                 missed: 0,
                 closing: None,
             }),
@@ -106,32 +112,22 @@ impl Outbox {
         let was_empty = state.frames.is_empty();
 
         let mut discarded = 0;
-        if state.bytes + frame.len() > self.capacity {
-            match self.policy {
-                SlowConsumerPolicy::Disconnect => {
-                    state.frames = VecDeque::new();
-                    state.bytes = 0;
-                    state.closing = Some(CloseReason {
-                        code: ErrorCode::SlowConsumer,
-                        reason: "slow consumer".to_string(),
-                    });
+        if state.held() + frame.len() > self.capacity {
+            if self.policy == SlowConsumerPolicy::DropOldest {
+                discarded = state.discard_oldest(self.capacity.saturating_sub(frame.len()));
+            }
+            if state.held() + frame.len() > self.capacity {
+                // A message may be dropped under a dropping policy; a reply or notice
+                // never is, so a peer that asks for more than it reads is closed
+                // whatever the policy.
+                if !is_message || self.policy == SlowConsumerPolicy::Disconnect {
+                    let freed = state.overflow();
                     drop(state);
                     self.ready.notify_one();
-                    return Offer::Overflowed;
+                    return Offer::Overflowed(freed);
                 }
-                SlowConsumerPolicy::DropNewest => {
-                    if is_message {
-                        state.missed += 1;
-                        return Offer::Dropped;
-                    }
-                }
-                SlowConsumerPolicy::DropOldest => {
-                    discarded = state.discard_oldest(self.capacity.saturating_sub(frame.len()));
-                    if discarded == 0 && is_message && state.bytes + frame.len() > self.capacity {
-                        state.missed += 1;
-                        return Offer::Dropped;
-                    }
-                }
+                state.missed += 1;
+                return Offer::Dropped;
             }
         }
 
@@ -194,11 +190,17 @@ impl Outbox {
             };
         }
         batch.extend(state.frames.drain(..).map(|(frame, _)| frame));
+        state.in_flight += state.bytes;
         state.bytes = 0;
         if state.frames.capacity() > 1024 {
             state.frames.shrink_to(64);
         }
         Batch::Frames
+    }
+
+    /// The writer finished writing everything it took.
+    pub(crate) fn written(&self) {
+        self.state.lock().in_flight = 0;
     }
 
     /// Resolves once frames are queued or the outbox starts closing, after
@@ -215,13 +217,44 @@ impl Outbox {
 }
 
 impl State {
-    /// Discards the oldest messages until at most `target` bytes are queued; control
-    /// frames stay. Returns how many messages went.
+    /// Bytes held for the peer: queued, or taken by a writer still writing them.
+    fn held(&self) -> usize {
+        self.bytes + self.in_flight
+    }
+
+    /// Starts a slow-consumer close: frees the queue and returns how many messages
+    /// went with it.
+    fn overflow(&mut self) -> u64 {
+        let freed = self
+            .frames
+            .iter()
+            .filter(|(_, is_message)| *is_message)
+            .count() as u64;
+        self.frames = VecDeque::new();
+        self.bytes = 0;
+        self.closing = Some(CloseReason {
+            code: ErrorCode::SlowConsumer,
+            reason: "slow consumer".to_string(),
+        });
+        freed
+    }
+
+    /// Discards the oldest messages until at most `target` bytes are held, if
+    /// discarding can get there; control frames stay. Returns how many went.
     fn discard_oldest(&mut self, target: usize) -> u64 {
+        let messages: usize = self
+            .frames
+            .iter()
+            .filter(|(_, is_message)| *is_message)
+            .map(|(frame, _)| frame.len())
+            .sum();
+        if self.held() - messages > target {
+            return 0;
+        }
         let mut discarded = 0;
         let mut kept = VecDeque::with_capacity(self.frames.len());
         while let Some((frame, is_message)) = self.frames.pop_front() {
-            if is_message && self.bytes > target {
+            if is_message && self.held() > target {
                 self.bytes -= frame.len();
                 discarded += 1;
             } else {
@@ -251,7 +284,7 @@ mod tests {
             Offer::Queued,
             "exactly at the cap fits"
         );
-        assert_eq!(outbox.offer(frame(1)), Offer::Overflowed);
+        assert_eq!(outbox.offer(frame(1)), Offer::Overflowed(2));
         assert_eq!(outbox.queued_bytes(), 0);
         assert_eq!(outbox.closing().unwrap().code, ErrorCode::SlowConsumer);
         assert_eq!(outbox.offer(frame(1)), Offer::Closed);
@@ -266,6 +299,12 @@ mod tests {
 
         let mut batch = Vec::new();
         assert!(matches!(outbox.take(&mut batch), Batch::Frames));
+        assert_eq!(
+            outbox.offer(frame(10)),
+            Offer::Dropped,
+            "taken but unwritten still counts"
+        );
+        outbox.written();
         batch.clear();
         assert_eq!(outbox.offer(frame(10)), Offer::Queued);
         outbox.take(&mut batch);
@@ -273,7 +312,7 @@ mod tests {
         match Frame::decode_message(batch[0].clone(), 1 << 20).unwrap() {
             Frame::Notice { kind, count, .. } => {
                 assert_eq!(kind, NoticeKind::Missed);
-                assert_eq!(count, 2);
+                assert_eq!(count, 3);
             }
             other => panic!("expected a notice, got {other:?}"),
         }
@@ -290,5 +329,20 @@ mod tests {
             outbox.queued_bytes() <= 100 + 64,
             "the notice is the only excess"
         );
+    }
+
+    #[test]
+    fn a_reply_that_does_not_fit_closes_under_every_policy() {
+        for policy in [
+            SlowConsumerPolicy::DropNewest,
+            SlowConsumerPolicy::DropOldest,
+        ] {
+            let outbox = Outbox::new(20, policy);
+            for _ in 0..4 {
+                assert_eq!(outbox.control(&Frame::Pong), Offer::Queued);
+            }
+            assert_eq!(outbox.control(&Frame::Pong), Offer::Overflowed(0));
+            assert_eq!(outbox.closing().unwrap().code, ErrorCode::SlowConsumer);
+        }
     }
 }

@@ -88,6 +88,12 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for StreamFrameWriter<W
         for frame in frames.iter() {
             if frame.len() < GATHER_BELOW {
                 self.gather.extend_from_slice(frame);
+                // Written out in steps, so a stalled peer never holds more than one
+                // step of copies beyond the shared frames themselves.
+                if self.gather.len() >= GATHER_KEEP {
+                    self.io.write_all(&self.gather).await?;
+                    self.gather.clear();
+                }
                 continue;
             }
             if !self.gather.is_empty() {

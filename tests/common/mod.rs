@@ -474,3 +474,60 @@ impl RawMemory {
         }
     }
 }
+
+/// Names of the threads that panicked since [`run_counting_panics`] was first called.
+static PANICKED_THREADS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs `test` as [`run_with_deadline`] does, on a runtime whose threads are all named
+/// `name`, and returns how many panics happened on those threads: the broker's tasks
+/// included, which the runtime would otherwise catch unnoticed. Unlike
+/// [`count_panics`], a test that fails elsewhere in the same binary does not count, as
+/// long as `name` is unique to the caller.
+pub fn run_counting_panics<F>(
+    name: &'static str,
+    limit: Duration,
+    test: impl FnOnce() -> F,
+) -> usize
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some(thread) = std::thread::current().name() {
+                PANICKED_THREADS
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(thread.to_string());
+            }
+            previous(info);
+        }));
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let handle = runtime.spawn(test());
+    let outcome = runtime.block_on(async { tokio::time::timeout(limit, handle).await });
+    match outcome {
+        Ok(Ok(())) => runtime.shutdown_timeout(Duration::from_secs(1)),
+        Ok(Err(e)) => {
+            runtime.shutdown_background();
+            std::panic::resume_unwind(e.into_panic());
+        }
+        Err(_) => {
+            runtime.shutdown_background();
+            panic!("the test did not finish within {limit:?}: a deadlock?");
+        }
+    }
+    PANICKED_THREADS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .iter()
+        .filter(|thread| thread.as_str() == name)
+        .count()
+}
