@@ -177,7 +177,7 @@ pub(crate) async fn run<R: FrameReader, W: FrameWriter>(
     let state = match handshake(&inner, id, &mut reader, &peer).await {
         Ok(state) => state,
         Err(Some(refusal)) => {
-            refuse(&inner, &mut writer, refusal).await;
+            refuse(&inner, &mut writer, reader.format(), refusal).await;
             return;
         }
         Err(None) => return,
@@ -296,11 +296,12 @@ async fn handshake<R: FrameReader>(
         )));
     }
 
+    let format = reader.format();
     let state = Arc::new(ConnectionState {
         id,
         user,
-        format: WireFormat::Binary,
-        outbox: Outbox::new(config.outbox_bytes, config.slow_consumer),
+        format,
+        outbox: Outbox::new(config.outbox_bytes, config.slow_consumer, format),
         memberships: Mutex::new(Memberships {
             sessions: HashSet::new(),
             gone: false,
@@ -339,7 +340,12 @@ async fn handshake<R: FrameReader>(
 }
 
 /// Tells a client its handshake failed, and closes.
-async fn refuse<W: FrameWriter>(inner: &Inner, writer: &mut W, refusal: (CloseReason, bool)) {
+async fn refuse<W: FrameWriter>(
+    inner: &Inner,
+    writer: &mut W,
+    format: WireFormat,
+    refusal: (CloseReason, bool),
+) {
     let (why, bad_input) = refusal;
     inner.counters.refused.fetch_add(1, Relaxed);
     if bad_input {
@@ -351,17 +357,15 @@ async fn refuse<W: FrameWriter>(inner: &Inner, writer: &mut W, refusal: (CloseRe
     }
 
     let mut frames = vec![
-        Frame::Error {
+        format.encode(&Frame::Error {
             request: 0,
             code: why.code,
             reason: Text::from(why.reason.as_str()),
-        }
-        .encode(),
-        Frame::Close {
+        }),
+        format.encode(&Frame::Close {
             code: why.code,
             reason: Text::from(why.reason),
-        }
-        .encode(),
+        }),
     ];
     let limit = inner.config.write_timeout;
     let _ = time::timeout(limit, writer.write_frames(&mut frames)).await;
@@ -613,7 +617,7 @@ async fn write_loop<W: FrameWriter>(mut writer: W, state: Arc<ConnectionState>, 
                     _ = ticks.tick() => {
                         // A PING only after a quiet interval: traffic is proof of life.
                         if !std::mem::take(&mut wrote) {
-                            let mut ping = vec![Frame::Ping.encode()];
+                            let mut ping = vec![state.format.encode(&Frame::Ping)];
                             if !write_batch(&mut writer, &mut ping, &state, &inner).await {
                                 return;
                             }
@@ -623,13 +627,10 @@ async fn write_loop<W: FrameWriter>(mut writer: W, state: Arc<ConnectionState>, 
                 continue;
             }
             Batch::Closing(end) => {
-                batch.push(
-                    Frame::Close {
-                        code: end.code,
-                        reason: Text::from(end.reason),
-                    }
-                    .encode(),
-                );
+                batch.push(state.format.encode(&Frame::Close {
+                    code: end.code,
+                    reason: Text::from(end.reason),
+                }));
                 if write_batch(&mut writer, &mut batch, &state, &inner).await {
                     let _ = time::timeout(limit, writer.close()).await;
                 }

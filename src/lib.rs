@@ -67,6 +67,8 @@ mod connection;
 pub mod error;
 pub mod frame;
 pub mod hooks;
+#[cfg(feature = "websocket")]
+pub mod json;
 pub mod message;
 mod outbox;
 mod session;
@@ -85,7 +87,11 @@ pub use message::{Message, MessageKind, Target};
 pub use outbox::SlowConsumerPolicy;
 pub use session::{Session, SessionMember};
 pub use stats::Stats;
-pub use transport::{Connection, MemoryConnector, MemoryTransport, TcpTransport, Transport};
+#[cfg(feature = "websocket")]
+pub use transport::WebSocketTransport;
+pub use transport::{
+    Connection, MemoryConnector, MemoryTransport, TcpTransport, Transport, WireFormat,
+};
 
 /// The README's examples run as doctests, so the README cannot drift from the API.
 #[cfg(doctest)]

@@ -6,6 +6,7 @@
 //! not fit, the host's [`SlowConsumerPolicy`] decides what gives.
 
 use crate::frame::{ErrorCode, Frame, NoticeKind, Text};
+use crate::transport::WireFormat;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -62,6 +63,8 @@ pub(crate) struct Outbox {
     ready: Notify,
     capacity: usize,
     policy: SlowConsumerPolicy,
+    /// The format of the notices the outbox writes itself.
+    format: WireFormat,
 }
 
 struct State {
@@ -78,7 +81,7 @@ struct State {
 }
 
 impl Outbox {
-    pub(crate) fn new(capacity: usize, policy: SlowConsumerPolicy) -> Outbox {
+    pub(crate) fn new(capacity: usize, policy: SlowConsumerPolicy, format: WireFormat) -> Outbox {
         Outbox {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
@@ -90,6 +93,7 @@ impl Outbox {
             ready: Notify::new(),
             capacity,
             policy,
+            format,
         }
     }
 
@@ -101,7 +105,7 @@ impl Outbox {
     /// Queues a control frame (a reply, a notice). It counts against the capacity like
     /// any frame, so a peer that sends requests but never reads is still bounded.
     pub(crate) fn control(&self, frame: &Frame) -> Offer {
-        self.push(frame.encode(), false)
+        self.push(self.format.encode(frame), false)
     }
 
     fn push(&self, frame: Bytes, is_message: bool) -> Offer {
@@ -133,14 +137,13 @@ impl Outbox {
 
         // A member that missed messages learns how many before it gets the next one.
         if state.missed > 0 && is_message {
-            let notice = Frame::Notice {
+            let notice = self.format.encode(&Frame::Notice {
                 kind: NoticeKind::Missed,
                 request: 0,
                 count: state.missed,
                 subject: Text::default(),
                 text: Text::from("outbox full"),
-            }
-            .encode();
+            });
             state.missed = 0;
             state.bytes += notice.len();
             state.frames.push_back((notice, false));
@@ -277,7 +280,7 @@ mod tests {
 
     #[test]
     fn disconnect_policy_frees_the_queue_at_overflow() {
-        let outbox = Outbox::new(100, SlowConsumerPolicy::Disconnect);
+        let outbox = Outbox::new(100, SlowConsumerPolicy::Disconnect, WireFormat::Binary);
         assert_eq!(outbox.offer(frame(60)), Offer::Queued);
         assert_eq!(
             outbox.offer(frame(40)),
@@ -292,7 +295,7 @@ mod tests {
 
     #[test]
     fn drop_newest_counts_and_notifies_before_the_next_message() {
-        let outbox = Outbox::new(100, SlowConsumerPolicy::DropNewest);
+        let outbox = Outbox::new(100, SlowConsumerPolicy::DropNewest, WireFormat::Binary);
         assert_eq!(outbox.offer(frame(100)), Offer::Queued);
         assert_eq!(outbox.offer(frame(10)), Offer::Dropped);
         assert_eq!(outbox.offer(frame(10)), Offer::Dropped);
@@ -320,7 +323,7 @@ mod tests {
 
     #[test]
     fn drop_oldest_keeps_the_newest() {
-        let outbox = Outbox::new(100, SlowConsumerPolicy::DropOldest);
+        let outbox = Outbox::new(100, SlowConsumerPolicy::DropOldest, WireFormat::Binary);
         for _ in 0..5 {
             assert_eq!(outbox.offer(frame(20)), Offer::Queued);
         }
@@ -337,7 +340,7 @@ mod tests {
             SlowConsumerPolicy::DropNewest,
             SlowConsumerPolicy::DropOldest,
         ] {
-            let outbox = Outbox::new(20, policy);
+            let outbox = Outbox::new(20, policy, WireFormat::Binary);
             for _ in 0..4 {
                 assert_eq!(outbox.control(&Frame::Pong), Offer::Queued);
             }

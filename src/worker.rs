@@ -99,6 +99,8 @@ struct Encoded<'a> {
     target: &'a str,
     payload: &'a Bytes,
     binary: Option<Bytes>,
+    #[cfg(feature = "websocket")]
+    json: Option<Bytes>,
 }
 
 impl Encoded<'_> {
@@ -108,6 +110,20 @@ impl Encoded<'_> {
                 .binary
                 .get_or_insert_with(|| {
                     encode_deliver(
+                        self.id,
+                        self.kind,
+                        self.sent_at_us,
+                        self.sender,
+                        self.target,
+                        self.payload,
+                    )
+                })
+                .clone(),
+            #[cfg(feature = "websocket")]
+            WireFormat::Json => self
+                .json
+                .get_or_insert_with(|| {
+                    crate::json::encode_deliver(
                         self.id,
                         self.kind,
                         self.sent_at_us,
@@ -162,6 +178,8 @@ fn publish(
                 target: session_id,
                 payload: &payload,
                 binary: None,
+                #[cfg(feature = "websocket")]
+                json: None,
             };
             fan_out(inner, members, from, &mut encoded)
         }
@@ -208,6 +226,8 @@ fn direct(
         target: user.as_str(),
         payload: &payload,
         binary: None,
+        #[cfg(feature = "websocket")]
+        json: None,
     };
     let delivered = fan_out(inner, &connections, from, &mut encoded);
 

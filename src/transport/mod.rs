@@ -6,7 +6,8 @@
 //! [`StreamFrameWriter`]); a message-oriented link carries one frame per message
 //! ([`memory`]). The broker does not care which.
 //!
-//! Built in: [`TcpTransport`] and the in-process [`MemoryTransport`].
+//! Built in: [`TcpTransport`], the in-process [`MemoryTransport`], and with the
+//! `websocket` feature `WebSocketTransport`.
 
 use crate::error::ReadError;
 use crate::frame::Frame;
@@ -17,10 +18,14 @@ use std::io;
 pub mod memory;
 mod stream;
 mod tcp;
+#[cfg(feature = "websocket")]
+pub mod websocket;
 
 pub use memory::{MemoryConnector, MemoryReader, MemoryTransport, MemoryWriter};
 pub use stream::{StreamFrameReader, StreamFrameWriter};
 pub use tcp::TcpTransport;
+#[cfg(feature = "websocket")]
+pub use websocket::WebSocketTransport;
 
 /// How frames are encoded on a connection. The forwarding worker encodes each message
 /// once per format in use among a session's members.
@@ -29,6 +34,20 @@ pub use tcp::TcpTransport;
 pub enum WireFormat {
     /// The binary frames of `docs/protocol.md`.
     Binary,
+    /// The JSON form of the same frames, one JSON object per WebSocket text message.
+    #[cfg(feature = "websocket")]
+    Json,
+}
+
+impl WireFormat {
+    /// Encodes one frame in this format.
+    pub fn encode(self, frame: &Frame) -> Bytes {
+        match self {
+            WireFormat::Binary => frame.encode(),
+            #[cfg(feature = "websocket")]
+            WireFormat::Json => crate::json::encode(frame),
+        }
+    }
 }
 
 /// The inbound half of a connection: decoded frames.
@@ -47,15 +66,17 @@ pub trait FrameReader: Send + 'static {
 
     /// Bytes received so far on this connection, for the broker's statistics.
     fn bytes_read(&self) -> u64;
+
+    /// The format the peer speaks, as learned from what it sent so far; the broker
+    /// asks after the handshake and answers in the same format. Byte streams only
+    /// ever speak [`WireFormat::Binary`].
+    fn format(&self) -> WireFormat {
+        WireFormat::Binary
+    }
 }
 
 /// The outbound half of a connection: encoded frames.
 pub trait FrameWriter: Send + 'static {
-    /// The format the frames handed to [`FrameWriter::write_frames`] are encoded in.
-    fn format(&self) -> WireFormat {
-        WireFormat::Binary
-    }
-
     /// Writes every frame, in order, then flushes once. Each element is one whole
     /// encoded frame. The writer takes the frames: `frames` is empty when it returns
     /// `Ok`, and its allocation may be kept for the next batch.

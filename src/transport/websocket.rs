@@ -1,0 +1,247 @@
+//! WebSocket: binary messages carry the binary frames, text messages the JSON form.
+//!
+//! [`WebSocketTransport`] is a listener of its own. A host whose HTTP server already
+//! upgraded a request hands the resulting [`WebSocketStream`] to [`connection`] and the
+//! result to [`crate::Broker::accept`], so the broker can share a port with the host's
+//! pages and API.
+//!
+//! A connection speaks the form of its first message: a client whose `HELLO` came as
+//! text gets JSON text messages back, one whose `HELLO` came as binary gets binary
+//! frames. Either form is accepted from it afterwards.
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! use switchboard::{Broker, TcpTransport, WebSocketTransport};
+//!
+//! let broker = Broker::builder().build();
+//! tokio::spawn(broker.serve(TcpTransport::bind("127.0.0.1:7878").await?));
+//! broker.serve(WebSocketTransport::bind("127.0.0.1:7879").await?).await;
+//! # Ok(()) }
+//! ```
+
+use super::{Connection, FrameReader, FrameWriter, Transport, WireFormat};
+use crate::error::ReadError;
+use crate::frame::{DecodeError, Frame, LENGTH_PREFIX};
+use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+pub use tokio_tungstenite::WebSocketStream;
+
+/// The largest WebSocket message accepted by default: a 1 MiB frame and its prefix.
+const DEFAULT_MAX_MESSAGE: usize = 1024 * 1024 + LENGTH_PREFIX;
+
+/// Neither form seen yet.
+const UNKNOWN: u8 = 0;
+const BINARY: u8 = 1;
+const JSON: u8 = 2;
+
+/// A WebSocket listener. Each accepted socket completes the WebSocket handshake on its
+/// connection's own task, so a slow client never holds up the others.
+pub struct WebSocketTransport {
+    listener: TcpListener,
+    config: WebSocketConfig,
+    handshakes: tokio::task::JoinSet<io::Result<WsConnection<TcpStream>>>,
+}
+
+/// The halves of one WebSocket connection.
+pub type WsConnection<S> = Connection<WsReader<S>, WsWriter<S>>;
+
+impl WebSocketTransport {
+    /// Binds a listener that accepts messages of up to 1 MiB plus the frame prefix
+    /// (the broker's default `max_frame`); see [`WebSocketTransport::max_message`].
+    ///
+    /// # Errors
+    ///
+    /// Fails as [`TcpListener::bind`] does.
+    pub async fn bind(addr: impl ToSocketAddrs) -> io::Result<WebSocketTransport> {
+        Ok(WebSocketTransport::from_listener(
+            TcpListener::bind(addr).await?,
+        ))
+    }
+
+    /// Uses a listener the host bound itself.
+    pub fn from_listener(listener: TcpListener) -> WebSocketTransport {
+        WebSocketTransport {
+            listener,
+            config: limits(DEFAULT_MAX_MESSAGE),
+            handshakes: tokio::task::JoinSet::new(),
+        }
+    }
+
+    /// The largest WebSocket message, in bytes, the transport reads; a larger one
+    /// fails the connection before it is buffered. Set it to the broker's `max_frame`
+    /// plus 4, so that binary frames of every allowed size fit.
+    pub fn max_message(mut self, bytes: usize) -> Self {
+        self.config = limits(bytes);
+        self
+    }
+
+    /// The address the listener is bound to.
+    ///
+    /// # Errors
+    ///
+    /// Fails as [`TcpListener::local_addr`] does.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+fn limits(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
+
+impl Transport for WebSocketTransport {
+    type Reader = WsReader<TcpStream>;
+    type Writer = WsWriter<TcpStream>;
+
+    async fn accept(&mut self) -> io::Result<Option<WsConnection<TcpStream>>> {
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = accepted?;
+                    let _ = stream.set_nodelay(true);
+                    let config = self.config;
+                    self.handshakes.spawn(async move {
+                        let ws = tokio_tungstenite::accept_async_with_config(stream, Some(config))
+                            .await
+                            .map_err(io::Error::other)?;
+                        Ok(connection(ws, peer.to_string()))
+                    });
+                }
+                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
+                    match done {
+                        Ok(Ok(connection)) => return Ok(Some(connection)),
+                        Ok(Err(e)) => tracing::debug!(cause = %e, "WebSocket handshake failed"),
+                        Err(e) => tracing::warn!(cause = %e, "WebSocket handshake task failed"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Turns an upgraded WebSocket into a connection for [`crate::Broker::accept`].
+pub fn connection<S>(ws: WebSocketStream<S>, peer: impl Into<String>) -> WsConnection<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, stream) = ws.split();
+    let format = Arc::new(AtomicU8::new(UNKNOWN));
+    Connection::new(
+        WsReader {
+            stream,
+            format: format.clone(),
+            read: 0,
+        },
+        WsWriter { sink, format },
+        peer,
+    )
+}
+
+/// The inbound half of a WebSocket connection.
+pub struct WsReader<S> {
+    stream: SplitStream<WebSocketStream<S>>,
+    format: Arc<AtomicU8>,
+    read: u64,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> WsReader<S> {
+    /// Remembers the form of the first message, which decides the form of replies.
+    fn saw(&self, form: u8) {
+        let _ = self
+            .format
+            .compare_exchange(UNKNOWN, form, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameReader for WsReader<S> {
+    async fn read_frame(&mut self, max_frame: usize) -> Result<Option<Frame>, ReadError> {
+        loop {
+            let message = match self.stream.next().await {
+                None => return Ok(None),
+                Some(Ok(message)) => message,
+                Some(Err(tungstenite::Error::Capacity(e))) => {
+                    // The message is over the transport's limit; tungstenite refused it
+                    // from its header, before buffering it.
+                    tracing::debug!(cause = %e, "WebSocket message over the limit");
+                    return Err(DecodeError::TooLarge {
+                        length: u64::MAX,
+                        max: max_frame,
+                    }
+                    .into());
+                }
+                Some(Err(tungstenite::Error::ConnectionClosed))
+                | Some(Err(tungstenite::Error::AlreadyClosed)) => return Ok(None),
+                Some(Err(e)) => return Err(ReadError::Io(io::Error::other(e))),
+            };
+            match message {
+                Message::Binary(bytes) => {
+                    self.read += bytes.len() as u64;
+                    self.saw(BINARY);
+                    return Frame::decode_message(bytes, max_frame)
+                        .map(Some)
+                        .map_err(ReadError::from);
+                }
+                Message::Text(text) => {
+                    self.read += text.len() as u64;
+                    self.saw(JSON);
+                    return crate::json::decode(text.as_str(), max_frame)
+                        .map(Some)
+                        .map_err(ReadError::from);
+                }
+                Message::Close(_) => return Ok(None),
+                // tungstenite answers pings itself; pongs and raw frames mean nothing here.
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            }
+        }
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.read
+    }
+
+    fn format(&self) -> WireFormat {
+        match self.format.load(Ordering::Acquire) {
+            JSON => WireFormat::Json,
+            _ => WireFormat::Binary,
+        }
+    }
+}
+
+/// The outbound half of a WebSocket connection.
+pub struct WsWriter<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
+    format: Arc<AtomicU8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameWriter for WsWriter<S> {
+    async fn write_frames(&mut self, frames: &mut Vec<Bytes>) -> io::Result<()> {
+        let json = self.format.load(Ordering::Acquire) == JSON;
+        for frame in frames.drain(..) {
+            let message = if json {
+                let text = Utf8Bytes::try_from(frame).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidData, "JSON frame is not UTF-8")
+                })?;
+                Message::Text(text)
+            } else {
+                Message::Binary(frame)
+            };
+            self.sink.feed(message).await.map_err(io::Error::other)?;
+        }
+        self.sink.flush().await.map_err(io::Error::other)
+    }
+
+    async fn close(&mut self) -> io::Result<()> {
+        self.sink.close().await.map_err(io::Error::other)
+    }
+}
