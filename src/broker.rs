@@ -33,7 +33,8 @@ pub struct Config {
     /// Longest session or user id, in bytes (at most 65,535). Default 256.
     pub max_id_len: usize,
     /// Bytes queued for one connection before the slow-consumer policy applies.
-    /// Default 1 MiB.
+    /// Default 1 MiB. An empty outbox takes any one frame, so a message larger than
+    /// this still reaches a member that keeps up.
     pub outbox_bytes: usize,
     /// What happens to a member whose outbox is full. Default
     /// [`SlowConsumerPolicy::Disconnect`].
@@ -42,7 +43,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// A connection that sends nothing for this long is closed. Default 60 s.
     pub idle_timeout: Duration,
-    /// Each side sends a `PING` after this long without writing. Default 20 s.
+    /// Each side sends a `PING` after this long without writing. Default 20 s. The
+    /// interval in force is at most half of `idle_timeout`, so that clients that ping
+    /// on it are never closed as idle; `build()` lowers it when needed.
     pub heartbeat_interval: Duration,
     /// One batch write that takes longer than this closes the connection. Default 10 s.
     pub write_timeout: Duration,
@@ -273,6 +276,11 @@ impl Builder {
             );
         }
 
+        // Each side pings after a quiet heartbeat interval, so a heartbeat longer than
+        // half the idle timeout would get well-behaved clients closed as idle.
+        let mut config = config;
+        config.heartbeat_interval = config.heartbeat_interval.min(config.idle_timeout / 2);
+
         let workers = config.workers;
         let mut queues = Vec::with_capacity(workers);
         let mut ingress = Vec::with_capacity(workers);
@@ -323,6 +331,24 @@ impl From<&str> for Who {
 impl From<String> for Who {
     fn from(user: String) -> Who {
         Who::User(user)
+    }
+}
+
+impl From<&String> for Who {
+    fn from(user: &String) -> Who {
+        Who::User(user.clone())
+    }
+}
+
+impl From<Arc<str>> for Who {
+    fn from(user: Arc<str>) -> Who {
+        Who::User(user.to_string())
+    }
+}
+
+impl From<&Arc<str>> for Who {
+    fn from(user: &Arc<str>) -> Who {
+        Who::User(user.to_string())
     }
 }
 

@@ -115,12 +115,14 @@ impl Outbox {
         }
         let was_empty = state.frames.is_empty();
 
+        // An outbox holding nothing takes any one frame, so a message larger than the
+        // cap still reaches a member that keeps up; the cap bounds what piles up.
         let mut discarded = 0;
-        if state.held() + frame.len() > self.capacity {
+        if state.held() > 0 && state.held() + frame.len() > self.capacity {
             if self.policy == SlowConsumerPolicy::DropOldest {
                 discarded = state.discard_oldest(self.capacity.saturating_sub(frame.len()));
             }
-            if state.held() + frame.len() > self.capacity {
+            if state.held() > 0 && state.held() + frame.len() > self.capacity {
                 // A message may be dropped under a dropping policy; a reply or notice
                 // never is, so a peer that asks for more than it reads is closed
                 // whatever the policy.
@@ -331,6 +333,19 @@ mod tests {
         assert!(
             outbox.queued_bytes() <= 100 + 64,
             "the notice is the only excess"
+        );
+    }
+
+    #[test]
+    fn an_empty_outbox_takes_one_frame_larger_than_its_cap() {
+        let outbox = Outbox::new(100, SlowConsumerPolicy::Disconnect, WireFormat::Binary);
+        assert_eq!(outbox.offer(frame(150)), Offer::Queued);
+        let mut batch = Vec::new();
+        outbox.take(&mut batch);
+        assert_eq!(
+            outbox.offer(frame(1)),
+            Offer::Overflowed(0),
+            "still being written"
         );
     }
 
