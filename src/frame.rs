@@ -435,6 +435,9 @@ pub enum DecodeError {
     /// The kind byte is not one this version knows.
     #[error("unknown frame kind 0x{0:02x}")]
     UnknownKind(u8),
+    /// A JSON text message names a `"type"` that is no frame of this version.
+    #[error("unknown frame type {0:?}")]
+    UnknownType(String),
     /// The body does not match its kind's layout.
     #[error("malformed {kind} frame: {what}")]
     Malformed {
@@ -465,7 +468,7 @@ impl DecodeError {
     pub fn code(&self) -> ErrorCode {
         match self {
             DecodeError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-            DecodeError::UnknownKind(_) => ErrorCode::UnknownKind,
+            DecodeError::UnknownKind(_) | DecodeError::UnknownType(_) => ErrorCode::UnknownKind,
             DecodeError::Truncated { .. } => ErrorCode::Truncated,
             _ => ErrorCode::Malformed,
         }

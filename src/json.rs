@@ -178,6 +178,46 @@ fn text(s: String) -> Result<Text, DecodeError> {
     Ok(Text::from(s))
 }
 
+/// The `"type"` of every frame, as [`JsonFrame`] names them.
+const TYPES: [&str; 13] = [
+    "hello",
+    "welcome",
+    "subscribe",
+    "unsubscribe",
+    "publish",
+    "direct",
+    "ok",
+    "error",
+    "deliver",
+    "notice",
+    "ping",
+    "pong",
+    "close",
+];
+
+/// Why a text message is not a frame. An unknown `"type"` is told apart from a known
+/// one with bad fields, as the binary form tells an unknown kind byte from a malformed
+/// body; the second parse happens only for messages that are refused anyway.
+fn refusal(message: &str) -> DecodeError {
+    #[derive(Deserialize)]
+    struct Tagged {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    match serde_json::from_str::<Tagged>(message) {
+        Ok(Tagged { mut kind }) if !TYPES.contains(&kind.as_str()) => {
+            // The name goes back in the error's reason: keep it short.
+            let mut end = kind.len().min(64);
+            while !kind.is_char_boundary(end) {
+                end -= 1;
+            }
+            kind.truncate(end);
+            DecodeError::UnknownType(kind)
+        }
+        _ => malformed("not a JSON object of a known frame type with its fields"),
+    }
+}
+
 /// Decodes one text message into a frame.
 ///
 /// # Errors
@@ -192,8 +232,7 @@ pub fn decode(message: &str, max_frame: usize) -> Result<Frame, DecodeError> {
             max: max_frame,
         });
     }
-    let parsed: JsonFrame = serde_json::from_str(message)
-        .map_err(|_| malformed("not a JSON object of a known frame type with its fields"))?;
+    let parsed: JsonFrame = serde_json::from_str(message).map_err(|_| refusal(message))?;
     Ok(match parsed {
         JsonFrame::Hello {
             version,
@@ -484,8 +523,12 @@ mod tests {
             ErrorCode::Malformed
         );
         assert_eq!(
+            decode(r#"{"type":"warp"}"#, 1024).unwrap_err(),
+            DecodeError::UnknownType("warp".into())
+        );
+        assert_eq!(
             decode(r#"{"type":"warp"}"#, 1024).unwrap_err().code(),
-            ErrorCode::Malformed
+            ErrorCode::UnknownKind
         );
         let big = format!(r#"{{"type":"ping","x":"{}"}}"#, "x".repeat(100));
         assert_eq!(

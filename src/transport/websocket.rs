@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 pub use tokio_tungstenite::WebSocketStream;
@@ -94,7 +95,10 @@ impl WebSocketTransport {
     }
 }
 
-fn limits(max_message: usize) -> WebSocketConfig {
+/// A tungstenite configuration that refuses messages over `max_message` bytes from
+/// their header, before buffering them. A host that upgrades sockets itself passes it
+/// to [`WebSocketStream::from_raw_socket`]; use the broker's `max_frame` plus 4.
+pub fn limits(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
@@ -172,10 +176,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameReader for WsReade
                 Some(Ok(message)) => message,
                 Some(Err(tungstenite::Error::Capacity(e))) => {
                     // The message is over the transport's limit; tungstenite refused it
-                    // from its header, before buffering it.
+                    // from its header, before buffering it, and knows its size.
                     tracing::debug!(cause = %e, "WebSocket message over the limit");
+                    let length = match e {
+                        CapacityError::MessageTooLong { size, .. } => size as u64,
+                        _ => u64::MAX,
+                    };
                     return Err(DecodeError::TooLarge {
-                        length: u64::MAX,
+                        length,
                         max: max_frame,
                     }
                     .into());
