@@ -269,6 +269,16 @@ impl Builder {
             config.max_id_len <= u16::MAX as usize,
             "max_id_len is at most 65535"
         );
+        assert!(
+            config.heartbeat_interval >= Duration::from_millis(1)
+                && config.idle_timeout >= Duration::from_millis(1),
+            "heartbeat_interval and idle_timeout are at least 1 ms"
+        );
+        // F4: the largest DELIVER the broker can make must fit a u32 length.
+        assert!(
+            config.max_frame <= u32::MAX as usize - 27 - 2 * config.max_id_len,
+            "max_frame leaves no room for a DELIVER's header within u32::MAX"
+        );
         if let Some(rate) = config.publish_rate {
             assert!(
                 rate.per_second > 0.0 && rate.burst > 0,

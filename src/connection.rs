@@ -94,9 +94,14 @@ impl ConnectionState {
 
     /// Queues a control frame (a reply or a notice).
     pub(crate) fn control(&self, frame: &Frame, inner: &Inner) {
-        if let Offer::Overflowed(freed) = self.outbox.control(frame) {
-            self.overflowed(inner);
-            self.lagged(inner, freed, true);
+        match self.outbox.control(frame) {
+            Offer::Overflowed(freed) => {
+                self.overflowed(inner);
+                self.lagged(inner, freed, true);
+            }
+            // DropOldest discarded messages to make room for this frame.
+            Offer::QueuedDropping(n) => self.lagged(inner, n, false),
+            _ => {}
         }
     }
 
@@ -235,7 +240,7 @@ async fn handshake<R: FrameReader>(
         _ = inner.stop_reading.cancelled() => {
             return Err(Some((reason(ErrorCode::ShuttingDown, "broker shutting down"), false)));
         }
-        first = time::timeout(config.handshake_timeout, reader.read_frame(config.max_frame)) => first,
+        first = time::timeout(config.handshake_timeout, reader.read_frame(first_frame_limit(config))) => first,
     };
     let bad = |code, detail: String| Err(Some((reason(code, detail), true)));
     let (user, token) = match first {
@@ -337,6 +342,12 @@ async fn handshake<R: FrameReader>(
     }
 
     Ok(state)
+}
+
+/// The largest first frame worth reading: a HELLO with the longest user id and token.
+fn first_frame_limit(config: &crate::broker::Config) -> usize {
+    let hello = 1 + 1 + 2 + config.max_id_len + 2 + u16::MAX as usize;
+    config.max_frame.min(hello)
 }
 
 /// Tells a client its handshake failed, and closes.

@@ -67,10 +67,21 @@ pub(crate) struct Outbox {
     format: WireFormat,
 }
 
+/// What a queued frame is, which decides whether it may be discarded to make room.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// A message: discarded under `DropOldest`.
+    Message,
+    /// A reply or notice: never discarded.
+    Control,
+    /// A `Missed` notice and its count: discarded like a message, its count carried
+    /// into the next notice, so notices cannot crowd messages out.
+    Missed(u64),
+}
+
 struct State {
-    /// Each entry is one encoded frame and whether it is a message (as opposed to a
-    /// control frame, which is never discarded to make room).
-    frames: VecDeque<(Bytes, bool)>,
+    /// Each entry is one encoded frame and what it is.
+    frames: VecDeque<(Bytes, Entry)>,
     /// Bytes in `frames`.
     bytes: usize,
     /// Bytes the writer took and has not finished writing: still held for the peer,
@@ -146,12 +157,17 @@ impl Outbox {
                 subject: Text::default(),
                 text: Text::from("outbox full"),
             });
-            state.missed = 0;
+            let count = std::mem::take(&mut state.missed);
             state.bytes += notice.len();
-            state.frames.push_back((notice, false));
+            state.frames.push_back((notice, Entry::Missed(count)));
         }
         state.bytes += frame.len();
-        state.frames.push_back((frame, is_message));
+        let entry = if is_message {
+            Entry::Message
+        } else {
+            Entry::Control
+        };
+        state.frames.push_back((frame, entry));
         drop(state);
 
         if was_empty {
@@ -233,7 +249,7 @@ impl State {
         let freed = self
             .frames
             .iter()
-            .filter(|(_, is_message)| *is_message)
+            .filter(|(_, entry)| *entry == Entry::Message)
             .count() as u64;
         self.frames = VecDeque::new();
         self.bytes = 0;
@@ -250,7 +266,7 @@ impl State {
         let messages: usize = self
             .frames
             .iter()
-            .filter(|(_, is_message)| *is_message)
+            .filter(|(_, entry)| *entry != Entry::Control)
             .map(|(frame, _)| frame.len())
             .sum();
         if self.held() - messages > target {
@@ -258,12 +274,15 @@ impl State {
         }
         let mut discarded = 0;
         let mut kept = VecDeque::with_capacity(self.frames.len());
-        while let Some((frame, is_message)) = self.frames.pop_front() {
-            if is_message && self.held() > target {
+        while let Some((frame, entry)) = self.frames.pop_front() {
+            if entry != Entry::Control && self.held() > target {
                 self.bytes -= frame.len();
-                discarded += 1;
+                match entry {
+                    Entry::Missed(n) => self.missed += n,
+                    _ => discarded += 1,
+                }
             } else {
-                kept.push_back((frame, is_message));
+                kept.push_back((frame, entry));
             }
         }
         self.frames = kept;

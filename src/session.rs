@@ -207,7 +207,16 @@ impl SessionMap {
         let entry = self.shards[shard_of(session)].write().remove(session)?;
         self.count.fetch_sub(1, Ordering::Relaxed);
         for member in entry.members.iter() {
-            member.memberships.lock().sessions.remove(session);
+            // Only the membership in the entry just removed: the member may already have
+            // left it and joined a new session of the same name.
+            let mut memberships = member.memberships.lock();
+            if memberships
+                .sessions
+                .get(session)
+                .is_some_and(|id| Arc::ptr_eq(id, &entry.id))
+            {
+                memberships.sessions.remove(session);
+            }
         }
         Some((entry.id, entry.members))
     }

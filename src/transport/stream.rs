@@ -38,7 +38,13 @@ impl<R: AsyncRead + Unpin + Send + 'static> StreamFrameReader<R> {
 impl<R: AsyncRead + Unpin + Send + 'static> FrameReader for StreamFrameReader<R> {
     async fn read_frame(&mut self, max_frame: usize) -> Result<Option<Frame>, ReadError> {
         loop {
+            let large = self.buf.len() > 4 * READ_CHUNK;
             if let Some(frame) = Frame::decode_stream(&mut self.buf, max_frame)? {
+                // A buffer grown for one large frame is given back once it is empty:
+                // otherwise its allocation is reused, and held, for the connection's life.
+                if large && self.buf.len() < READ_CHUNK {
+                    self.buf = BytesMut::from(&self.buf[..]);
+                }
                 return Ok(Some(frame));
             }
 
