@@ -32,7 +32,8 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 pub use tokio_tungstenite::WebSocketStream;
 
@@ -250,6 +251,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameWriter for WsWrite
     }
 
     async fn close(&mut self) -> io::Result<()> {
+        // The protocol's own CLOSE frame, already sent, carries the reason; the
+        // WebSocket close says only that the end is orderly, so browsers see 1000
+        // rather than "no status".
+        let close = CloseFrame {
+            code: CloseCode::Normal,
+            reason: Utf8Bytes::default(),
+        };
+        let _ = self.sink.send(Message::Close(Some(close))).await;
         self.sink.close().await.map_err(io::Error::other)
     }
 }
