@@ -103,7 +103,28 @@ struct Encoded<'a> {
     json: Option<Bytes>,
 }
 
-impl Encoded<'_> {
+impl<'a> Encoded<'a> {
+    fn new(
+        id: u64,
+        kind: MessageKind,
+        sent_at: SystemTime,
+        sender: &'a str,
+        target: &'a str,
+        payload: &'a Bytes,
+    ) -> Self {
+        Encoded {
+            id,
+            kind,
+            sent_at_us: unix_micros(sent_at),
+            sender,
+            target,
+            payload,
+            binary: None,
+            #[cfg(feature = "websocket")]
+            json: None,
+        }
+    }
+
     fn frame(&mut self, format: WireFormat) -> Bytes {
         match format {
             WireFormat::Binary => self
@@ -170,40 +191,42 @@ fn publish(
 
     let delivered = match &found {
         Some((session_id, members)) => {
-            let mut encoded = Encoded {
+            let mut encoded = Encoded::new(
                 id,
-                kind: MessageKind::Session,
-                sent_at_us: unix_micros(sent_at),
-                sender: &sender,
-                target: session_id,
-                payload: &payload,
-                binary: None,
-                #[cfg(feature = "websocket")]
-                json: None,
-            };
+                MessageKind::Session,
+                sent_at,
+                &sender,
+                session_id,
+                &payload,
+            );
             fan_out(inner, members, from, &mut encoded)
         }
         None => 0,
     };
 
-    if let Some(hook) = &inner.hooks.on_message {
-        let target = match found {
+    report(inner, delivered, || Message {
+        id,
+        kind: MessageKind::Session,
+        sender,
+        target: Target::Session(match found {
             Some((session_id, _)) => session_id,
             None => Arc::from(session.as_str()),
-        };
-        let message = Message {
-            id,
-            kind: MessageKind::Session,
-            sender,
-            target: Target::Session(target),
-            sent_at,
-            payload,
-        };
+        }),
+        sent_at,
+        payload,
+    });
+    delivered
+}
+
+/// Tells the host's `on_message` hook, if there is one, what was forwarded; the
+/// message is only built when someone will see it.
+fn report(inner: &Inner, delivered: u64, message: impl FnOnce() -> Message) {
+    if let Some(hook) = &inner.hooks.on_message {
+        let message = message();
         hooks::call("on_message", &inner.counters, || {
             hook(&message, delivered as usize)
         });
     }
-    delivered
 }
 
 fn direct(
@@ -218,17 +241,14 @@ fn direct(
     let sender = from.map_or_else(|| inner.host_sender.clone(), |f| f.user.clone());
     let connections = inner.registry.of_user(user.as_str());
 
-    let mut encoded = Encoded {
+    let mut encoded = Encoded::new(
         id,
-        kind: MessageKind::Direct,
-        sent_at_us: unix_micros(sent_at),
-        sender: &sender,
-        target: user.as_str(),
-        payload: &payload,
-        binary: None,
-        #[cfg(feature = "websocket")]
-        json: None,
-    };
+        MessageKind::Direct,
+        sent_at,
+        &sender,
+        user.as_str(),
+        &payload,
+    );
     let delivered = fan_out(inner, &connections, from, &mut encoded);
 
     if delivered == 0 {
@@ -246,22 +266,16 @@ fn direct(
         }
     }
 
-    if let Some(hook) = &inner.hooks.on_message {
-        let target = match connections.first() {
+    report(inner, delivered, || Message {
+        id,
+        kind: MessageKind::Direct,
+        sender,
+        target: Target::User(match connections.first() {
             Some(conn) => conn.user.clone(),
             None => Arc::from(user.as_str()),
-        };
-        let message = Message {
-            id,
-            kind: MessageKind::Direct,
-            sender,
-            target: Target::User(target),
-            sent_at,
-            payload,
-        };
-        hooks::call("on_message", &inner.counters, || {
-            hook(&message, delivered as usize)
-        });
-    }
+        }),
+        sent_at,
+        payload,
+    });
     delivered
 }
