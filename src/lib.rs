@@ -57,7 +57,10 @@
 //! - `session`: the session map and the registry of connections by user.
 //! - `outbox`: the bounded queue in front of each connection's writer.
 //! - [`frame`]: the wire protocol's bytes (`docs/protocol.md` specifies them).
-//! - [`transport`]: where connections come from: TCP, in-process, or the host's own.
+//! - `json`: the JSON form of the same frames, for WebSocket text messages (feature
+//!   `websocket`).
+//! - [`transport`]: where connections come from: TCP, WebSocket, in-process, or the
+//!   host's own.
 //! - [`client`]: an async client.
 //! - [`hooks`], [`message`], [`stats`], [`error`]: what the host sees.
 
