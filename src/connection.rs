@@ -10,7 +10,7 @@ use crate::error::ReadError;
 use crate::frame::{ErrorCode, Frame, NoticeKind, Text, PROTOCOL_VERSION};
 use crate::hooks::{self, Admission, ConnectInfo, DisconnectInfo, LagInfo};
 use crate::outbox::{Batch, CloseReason, Offer, Outbox};
-use crate::session::JoinError;
+use crate::session::{JoinError, Place};
 use crate::stats::Counters;
 use crate::transport::{Connection, FrameReader, FrameWriter, WireFormat};
 use crate::worker::Job;
@@ -118,6 +118,9 @@ impl ConnectionState {
     }
 }
 
+/// How long a refused peer is read from, at most, before its socket is closed.
+const REFUSAL_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A token bucket limiting the messages one connection sends.
 struct RateLimit {
     tokens: f64,
@@ -179,7 +182,24 @@ pub(crate) async fn run<R: FrameReader, W: FrameWriter>(
     } = conn;
     let id = ConnectionId(inner.next_connection.fetch_add(1, Relaxed));
 
-    let state = match handshake(&inner, id, &mut reader, &peer).await {
+    // The place is taken before the handshake, so peers that open sockets and never
+    // finish a HELLO count against max_connections like everyone else.
+    let Some(place) = inner.registry.reserve(inner.config.max_connections) else {
+        let detail = format!(
+            "the broker is at its limit of {} connections",
+            inner.config.max_connections
+        );
+        let refusal = (reason(ErrorCode::TooManyConnections, detail), false);
+        refuse(&inner, &mut writer, reader.format(), refusal).await;
+        // The peer's HELLO may still be on its way; reading it for a moment lets the
+        // peer read the refusal instead of a reset.
+        let limit = first_frame_limit(&inner.config);
+        let drain = async { while let Ok(Some(_)) = reader.read_frame(limit).await {} };
+        let _ = time::timeout(REFUSAL_DRAIN, drain).await;
+        return;
+    };
+
+    let state = match handshake(&inner, id, &mut reader, &peer, place).await {
         Ok(state) => state,
         Err(Some(refusal)) => {
             refuse(&inner, &mut writer, reader.format(), refusal).await;
@@ -234,6 +254,7 @@ async fn handshake<R: FrameReader>(
     id: ConnectionId,
     reader: &mut R,
     peer: &str,
+    place: Place<'_>,
 ) -> Result<Arc<ConnectionState>, Refusal> {
     let config = &inner.config;
     let first = tokio::select! {
@@ -325,13 +346,7 @@ async fn handshake<R: FrameReader>(
         },
         inner,
     );
-    let Ok(older) = inner.registry.insert(&state, config.max_connections) else {
-        let detail = format!(
-            "the broker is at its limit of {} connections",
-            config.max_connections
-        );
-        return Err(Some((reason(ErrorCode::TooManyConnections, detail), false)));
-    };
+    let older = inner.registry.insert(&state, place);
     if config.replace_older_connections {
         for old in older {
             old.end(

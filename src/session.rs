@@ -243,7 +243,20 @@ pub(crate) struct Registry {
     by_user: Sharded<Arc<str>, Vec<Arc<ConnectionState>>>,
     by_id: Sharded<ConnectionId, Arc<ConnectionState>>,
     users: AtomicUsize,
+    /// Registered connections.
     connections: AtomicUsize,
+    /// Registered connections plus handshakes in progress.
+    places: AtomicUsize,
+}
+
+/// A place among `max_connections`, held by a handshake in progress; given back when
+/// dropped unless the connection was registered in it.
+pub(crate) struct Place<'a>(&'a Registry);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.places.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Registry {
@@ -253,6 +266,7 @@ impl Registry {
             by_id: Sharded::new(),
             users: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            places: AtomicUsize::new(0),
         }
     }
 
@@ -266,22 +280,27 @@ impl Registry {
 
     /// Adds a connection unless that would pass `max`. Returns the user's other
     /// connections that were there before it.
-    pub(crate) fn insert(
-        &self,
-        conn: &Arc<ConnectionState>,
-        max: usize,
-    ) -> Result<Vec<Arc<ConnectionState>>, ()> {
-        // Reserve a place first so that two handshakes racing for the last one cannot
-        // both win.
-        if self
-            .connections
+    /// Takes a place for a connection about to start its handshake, unless `max`
+    /// places are taken: peers still in their handshake count against the limit too.
+    pub(crate) fn reserve(&self, max: usize) -> Option<Place<'_>> {
+        self.places
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .is_err()
-        {
-            return Err(());
-        }
+            .ok()
+            .map(|_| Place(self))
+    }
+
+    /// Registers a connection in the place it reserved. Returns the user's other
+    /// connections that were there before it.
+    pub(crate) fn insert(
+        &self,
+        conn: &Arc<ConnectionState>,
+        place: Place<'_>,
+    ) -> Vec<Arc<ConnectionState>> {
+        // The place now belongs to the connection; `remove` gives it back.
+        std::mem::forget(place);
+        self.connections.fetch_add(1, Ordering::AcqRel);
         self.by_id[id_shard(conn.id)]
             .write()
             .insert(conn.id, conn.clone());
@@ -293,7 +312,7 @@ impl Registry {
         }
         let others = list.clone();
         list.push(conn.clone());
-        Ok(others)
+        others
     }
 
     pub(crate) fn remove(&self, conn: &ConnectionState) {
@@ -305,6 +324,7 @@ impl Registry {
             return;
         }
         self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.places.fetch_sub(1, Ordering::AcqRel);
 
         let mut shard = self.by_user[shard_of(&conn.user)].write();
         if let Some(list) = shard.get_mut(&*conn.user) {
