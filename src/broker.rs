@@ -1,5 +1,6 @@
 //! The broker: its builder, its limits, the handle the host keeps, and shutdown.
 
+use crate::cluster::{self, Cluster, ClusterBackend, ClusterErrorInfo};
 use crate::connection::{self, ConnectionId, ConnectionState};
 use crate::error::BrokerError;
 use crate::frame::{ErrorCode, NoticeKind};
@@ -19,6 +20,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+
+/// How long shutdown waits for a cluster backend to withdraw this node.
+const CLUSTER_STOP: Duration = Duration::from_secs(5);
 
 /// The broker's limits and tuning. Every field has a default and a builder setting;
 /// docs/limits.md says what a client sees past each limit.
@@ -61,6 +65,10 @@ pub struct Config {
     /// message over the rate is refused with an `ERROR` (code `RateLimited`) naming
     /// its request, and the connection goes on.
     pub publish_rate: Option<PublishRate>,
+    /// In a cluster: messages waiting for the backend to carry them to other nodes.
+    /// Default 65,536. A message that finds the queue full is not sent to other nodes;
+    /// it is counted in [`Stats::cluster_failed`] and reported to `on_cluster_error`.
+    pub cluster_queue: usize,
 }
 
 /// A per-connection limit on messages sent: a token bucket.
@@ -89,6 +97,7 @@ impl Default for Config {
             ingress_capacity: 4096,
             replace_older_connections: false,
             publish_rate: None,
+            cluster_queue: 65_536,
         }
     }
 }
@@ -120,6 +129,7 @@ impl Default for Config {
 pub struct Builder {
     config: Config,
     hooks: Hooks,
+    cluster: Option<Box<dyn ClusterBackend>>,
 }
 
 impl Builder {
@@ -249,6 +259,31 @@ impl Builder {
         self
     }
 
+    /// Called when messages could not reach other nodes of a cluster, and when the
+    /// cluster backend loses its engine. See [`crate::cluster`].
+    pub fn on_cluster_error(
+        mut self,
+        hook: impl Fn(&ClusterErrorInfo) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.on_cluster_error = Some(Arc::new(hook));
+        self
+    }
+
+    /// Makes this broker one node of a cluster: messages published here also reach
+    /// members and users on the other nodes, through `backend`. See
+    /// [`crate::cluster`], and [`crate::cluster::redis::RedisCluster`] (feature
+    /// `redis`).
+    pub fn cluster(mut self, backend: impl ClusterBackend) -> Self {
+        self.cluster = Some(Box::new(backend));
+        self
+    }
+
+    /// See [`Config::cluster_queue`].
+    pub fn cluster_queue(mut self, messages: usize) -> Self {
+        self.config.cluster_queue = messages;
+        self
+    }
+
     /// Builds the broker and starts its forwarding workers.
     ///
     /// # Panics
@@ -300,11 +335,23 @@ impl Builder {
             queues.push(rx);
         }
 
-        let inner = Arc::new(Inner {
+        assert!(config.cluster_queue > 0, "cluster_queue must be at least 1");
+        let channels = self
+            .cluster
+            .is_some()
+            .then(|| cluster::Channels::new(config.cluster_queue));
+        let watch = channels.as_ref().map(|c| c.watch());
+        let mut backend_task = None;
+        let inner = Arc::new_cyclic(|weak| Inner {
+            cluster: self.cluster.zip(channels).map(|(backend, channels)| {
+                let (cluster, task) = cluster::prepare(backend, channels, weak.clone());
+                backend_task = Some(task);
+                cluster
+            }),
             config,
             hooks: self.hooks,
-            sessions: SessionMap::new(),
-            registry: Registry::new(),
+            sessions: SessionMap::new(watch.clone()),
+            registry: Registry::new(watch),
             counters: Counters::default(),
             ingress,
             host_sender: Arc::from(""),
@@ -318,6 +365,9 @@ impl Builder {
         });
         for (index, queue) in queues.into_iter().enumerate() {
             tokio::spawn(worker::run(Arc::downgrade(&inner), index, workers, queue));
+        }
+        if let (Some(cluster), Some(task)) = (&inner.cluster, backend_task) {
+            *cluster.task.lock() = Some(tokio::spawn(task));
         }
         Broker { inner }
     }
@@ -375,6 +425,8 @@ pub(crate) struct Inner {
     pub sessions: SessionMap,
     pub registry: Registry,
     pub counters: Counters,
+    /// This node's side of a cluster, when it is one.
+    pub cluster: Option<Cluster>,
     ingress: Vec<mpsc::Sender<Job>>,
     /// The sender of messages the host pushes: empty, which no user id can be.
     pub host_sender: Arc<str>,
@@ -689,7 +741,19 @@ impl Broker {
         }
         inner.drained.cancel();
 
-        // 3. Each connection writes what it has, then its close frame.
+        // 3. In a cluster, the backend carries what the workers handed it, withdraws
+        //    this node's registrations and stops.
+        if let Some(cluster) = &inner.cluster {
+            cluster.stop.cancel();
+            let task = cluster.task.lock().take();
+            if let Some(task) = task {
+                if tokio::time::timeout(CLUSTER_STOP, task).await.is_err() {
+                    warn!(timeout = ?CLUSTER_STOP, "the cluster backend did not stop in time");
+                }
+            }
+        }
+
+        // 4. Each connection writes what it has, then its close frame.
         inner.connections.close();
         inner.connections.wait().await;
         info!("shut down");

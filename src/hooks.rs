@@ -88,6 +88,7 @@ pub(crate) type ConnectHook =
 pub(crate) type DisconnectHook = Arc<dyn Fn(&DisconnectInfo) + Send + Sync>;
 pub(crate) type ErrorHook = Arc<dyn Fn(&ErrorInfo) + Send + Sync>;
 pub(crate) type LagHook = Arc<dyn Fn(&LagInfo) + Send + Sync>;
+pub(crate) type ClusterErrorHook = Arc<dyn Fn(&crate::cluster::ClusterErrorInfo) + Send + Sync>;
 
 #[derive(Clone, Default)]
 pub(crate) struct Hooks {
@@ -96,6 +97,7 @@ pub(crate) struct Hooks {
     pub on_disconnect: Option<DisconnectHook>,
     pub on_error: Option<ErrorHook>,
     pub on_lag: Option<LagHook>,
+    pub on_cluster_error: Option<ClusterErrorHook>,
 }
 
 /// Runs a synchronous hook, catching a panic.

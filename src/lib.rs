@@ -62,10 +62,13 @@
 //! - [`transport`]: where connections come from: TCP, WebSocket, in-process, or the
 //!   host's own.
 //! - [`client`]: an async client.
+//! - [`cluster`]: several brokers as one, through a [`cluster::ClusterBackend`]; the Redis
+//!   backend is `cluster::redis` (feature `redis`).
 //! - [`hooks`], [`message`], [`stats`], [`error`]: what the host sees.
 
 pub mod broker;
 pub mod client;
+pub mod cluster;
 mod connection;
 pub mod error;
 pub mod frame;

@@ -9,6 +9,7 @@
 //! Lock order: a connection's own membership lock, then a shard lock. Code that
 //! touches several shards takes them one at a time.
 
+use crate::cluster::{Interest, Watch};
 use crate::connection::{ConnectionId, ConnectionState};
 use parking_lot::RwLock;
 use std::collections::hash_map::DefaultHasher;
@@ -91,6 +92,8 @@ impl<K, V> std::ops::Index<usize> for Sharded<K, V> {
 pub(crate) struct SessionMap {
     shards: Sharded<Arc<str>, SessionEntry>,
     count: AtomicUsize,
+    /// Told when a session gets its first member or loses its last (in a cluster).
+    watch: Option<Watch>,
 }
 
 /// Why a connection could not join a session.
@@ -103,11 +106,27 @@ pub(crate) enum JoinError {
 }
 
 impl SessionMap {
-    pub(crate) fn new() -> SessionMap {
+    pub(crate) fn new(watch: Option<Watch>) -> SessionMap {
         SessionMap {
             shards: Sharded::new(),
             count: AtomicUsize::new(0),
+            watch,
         }
+    }
+
+    fn changed(&self, session: &Arc<str>) {
+        if let Some(watch) = &self.watch {
+            watch.changed(Interest::Session(session.clone()));
+        }
+    }
+
+    /// The ids of every session with members now.
+    pub(crate) fn ids(&self) -> Vec<Arc<str>> {
+        let mut ids = Vec::with_capacity(self.len());
+        for shard in self.shards.shards.iter() {
+            ids.extend(shard.read().keys().cloned());
+        }
+        ids
     }
 
     /// Sessions that have at least one member.
@@ -160,11 +179,13 @@ impl SessionMap {
         }
 
         let mut shard = self.shards[shard_of(session)].write();
+        let mut created = false;
         let entry = match shard.get_mut(session) {
             Some(entry) => entry,
             None => {
                 let id: Arc<str> = Arc::from(session);
                 self.count.fetch_add(1, Ordering::Relaxed);
+                created = true;
                 shard.entry(id.clone()).or_insert(SessionEntry {
                     id,
                     created: SystemTime::now(),
@@ -173,7 +194,13 @@ impl SessionMap {
             }
         };
         Arc::make_mut(&mut entry.members).push(conn.clone());
-        memberships.sessions.insert(entry.id.clone());
+        let id = entry.id.clone();
+        memberships.sessions.insert(id.clone());
+        drop(shard);
+        drop(memberships);
+        if created {
+            self.changed(&id);
+        }
         Ok(true)
     }
 
@@ -206,6 +233,7 @@ impl SessionMap {
     pub(crate) fn close(&self, session: &str) -> Option<(Arc<str>, Members)> {
         let entry = self.shards[shard_of(session)].write().remove(session)?;
         self.count.fetch_sub(1, Ordering::Relaxed);
+        self.changed(&entry.id);
         for member in entry.members.iter() {
             // Only the membership in the entry just removed: the member may already have
             // left it and joined a new session of the same name.
@@ -227,8 +255,11 @@ impl SessionMap {
             return;
         };
         if entry.members.len() == 1 && entry.members[0].id == conn {
+            let id = entry.id.clone();
             shard.remove(session);
             self.count.fetch_sub(1, Ordering::Relaxed);
+            drop(shard);
+            self.changed(&id);
             return;
         }
         let members = Arc::make_mut(&mut entry.members);
@@ -247,6 +278,8 @@ pub(crate) struct Registry {
     connections: AtomicUsize,
     /// Registered connections plus handshakes in progress.
     places: AtomicUsize,
+    /// Told when a user gets a first connection or loses the last (in a cluster).
+    watch: Option<Watch>,
 }
 
 /// A place among `max_connections`, held by a handshake in progress; given back when
@@ -260,14 +293,30 @@ impl Drop for Place<'_> {
 }
 
 impl Registry {
-    pub(crate) fn new() -> Registry {
+    pub(crate) fn new(watch: Option<Watch>) -> Registry {
         Registry {
             by_user: Sharded::new(),
             by_id: Sharded::new(),
             users: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             places: AtomicUsize::new(0),
+            watch,
         }
+    }
+
+    fn changed(&self, user: &Arc<str>) {
+        if let Some(watch) = &self.watch {
+            watch.changed(Interest::User(user.clone()));
+        }
+    }
+
+    /// The ids of every user with live connections now.
+    pub(crate) fn user_ids(&self) -> Vec<Arc<str>> {
+        let mut ids = Vec::with_capacity(self.users());
+        for shard in self.by_user.shards.iter() {
+            ids.extend(shard.read().keys().cloned());
+        }
+        ids
     }
 
     pub(crate) fn connections(&self) -> usize {
@@ -307,11 +356,16 @@ impl Registry {
 
         let mut shard = self.by_user[shard_of(&conn.user)].write();
         let list = shard.entry(conn.user.clone()).or_default();
-        if list.is_empty() {
+        let first = list.is_empty();
+        if first {
             self.users.fetch_add(1, Ordering::Relaxed);
         }
         let others = list.clone();
         list.push(conn.clone());
+        drop(shard);
+        if first {
+            self.changed(&conn.user);
+        }
         others
     }
 
@@ -332,6 +386,8 @@ impl Registry {
             if list.is_empty() {
                 shard.remove(&*conn.user);
                 self.users.fetch_sub(1, Ordering::Relaxed);
+                drop(shard);
+                self.changed(&conn.user);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Counters the broker keeps, and the snapshot the host reads.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// A snapshot of the broker's counters, from [`crate::Broker::stats`].
 ///
@@ -34,6 +34,18 @@ pub struct Stats {
     pub connections_refused: u64,
     /// Hooks that panicked.
     pub hook_panics: u64,
+    /// In a cluster: message copies handed to other nodes.
+    pub cluster_sent: u64,
+    /// In a cluster: messages received from other nodes.
+    pub cluster_received: u64,
+    /// In a cluster: messages (or copies, when one node of several missed one) that
+    /// did not reach the other nodes that should have had them; each was also
+    /// reported to `on_cluster_error`.
+    pub cluster_failed: u64,
+    /// In a cluster: whether the backend is connected to its engine now.
+    pub cluster_connected: bool,
+    /// In a cluster: times the backend reconnected after losing its engine.
+    pub cluster_reconnects: u64,
 }
 
 impl fmt::Display for Stats {
@@ -41,7 +53,9 @@ impl fmt::Display for Stats {
         write!(
             f,
             "connections={} users={} sessions={} received={} delivered={} dropped={} \
-             bytes_in={} bytes_out={} rejected={} slow={} refused={} hook_panics={}",
+             bytes_in={} bytes_out={} rejected={} slow={} refused={} hook_panics={} \
+             cluster_sent={} cluster_received={} cluster_failed={} cluster_connected={} \
+             cluster_reconnects={}",
             self.connections,
             self.users,
             self.sessions,
@@ -53,7 +67,12 @@ impl fmt::Display for Stats {
             self.frames_rejected,
             self.slow_consumers,
             self.connections_refused,
-            self.hook_panics
+            self.hook_panics,
+            self.cluster_sent,
+            self.cluster_received,
+            self.cluster_failed,
+            self.cluster_connected,
+            self.cluster_reconnects
         )
     }
 }
@@ -69,6 +88,13 @@ pub(crate) struct Counters {
     pub slow_consumers: AtomicU64,
     pub refused: AtomicU64,
     pub hook_panics: AtomicU64,
+    pub cluster_sent: AtomicU64,
+    pub cluster_received: AtomicU64,
+    pub cluster_failed: AtomicU64,
+    pub cluster_connected: AtomicBool,
+    /// Successful connections of the cluster backend, the first included.
+    pub cluster_connects: AtomicU64,
+    pub cluster_reconnects: AtomicU64,
 }
 
 impl Counters {
@@ -94,6 +120,11 @@ impl Counters {
             slow_consumers: self.slow_consumers.load(Relaxed),
             connections_refused: self.refused.load(Relaxed),
             hook_panics: self.hook_panics.load(Relaxed),
+            cluster_sent: self.cluster_sent.load(Relaxed),
+            cluster_received: self.cluster_received.load(Relaxed),
+            cluster_failed: self.cluster_failed.load(Relaxed),
+            cluster_connected: self.cluster_connected.load(Relaxed),
+            cluster_reconnects: self.cluster_reconnects.load(Relaxed),
             ..Stats::default()
         }
     }

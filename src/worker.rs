@@ -37,6 +37,15 @@ pub(crate) enum Job {
         payload: Bytes,
         request: u32,
     },
+    /// A message published on another node of the cluster, for local members or
+    /// connections only.
+    Remote {
+        kind: MessageKind,
+        sender: Arc<str>,
+        target: Arc<str>,
+        sent_at: SystemTime,
+        payload: Bytes,
+    },
     /// Answered once every job queued before it is done.
     Drain(oneshot::Sender<()>),
 }
@@ -76,6 +85,17 @@ pub(crate) async fn run(
                     request,
                 } => {
                     delivered += direct(&inner, id, from.as_ref(), &user, payload, request);
+                }
+                Job::Remote {
+                    kind,
+                    sender,
+                    target,
+                    sent_at,
+                    payload,
+                } => {
+                    delivered += remote(&inner, id, kind, &sender, &target, sent_at, &payload);
+                    next_id += step;
+                    continue;
                 }
                 Job::Drain(done) => {
                     let _ = done.send(());
@@ -203,6 +223,13 @@ fn publish(
         }
         None => 0,
     };
+    if let Some(cluster) = &inner.cluster {
+        let target = Target::Session(match &found {
+            Some((session_id, _)) => session_id.clone(),
+            None => Arc::from(session.as_str()),
+        });
+        cluster.forward(inner, target, sent_at, &sender, &payload, from, None);
+    }
 
     report(inner, delivered, || Message {
         id,
@@ -251,7 +278,13 @@ fn direct(
     );
     let delivered = fan_out(inner, &connections, from, &mut encoded);
 
-    if delivered == 0 {
+    // In a cluster the other nodes may hold the user: the backend tells the sender
+    // when none of them received it either.
+    if let Some(cluster) = &inner.cluster {
+        let target = Target::User(Arc::from(user.as_str()));
+        let reply = (delivered == 0).then_some(request);
+        cluster.forward(inner, target, sent_at, &sender, &payload, from, reply);
+    } else if delivered == 0 {
         if let Some(from) = from {
             from.control(
                 &Frame::Notice {
@@ -278,4 +311,27 @@ fn direct(
         payload,
     });
     delivered
+}
+
+/// Delivers a message from another node to the local members of its session or the
+/// local connections of its user. No one here sent it, so no one is skipped, and no
+/// sender waits for a notice; `on_message` ran on the node where it was published.
+fn remote(
+    inner: &Inner,
+    id: u64,
+    kind: MessageKind,
+    sender: &str,
+    target: &str,
+    sent_at: SystemTime,
+    payload: &Bytes,
+) -> u64 {
+    let recipients = match kind {
+        MessageKind::Session => match inner.sessions.members(target) {
+            Some((_, members)) => members,
+            None => return 0,
+        },
+        MessageKind::Direct => Arc::new(inner.registry.of_user(target)),
+    };
+    let mut encoded = Encoded::new(id, kind, sent_at, sender, target, payload);
+    fan_out(inner, &recipients, None, &mut encoded)
 }
