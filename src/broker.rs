@@ -231,7 +231,9 @@ impl Builder {
     }
 
     /// Called for every handshake, before the connection is registered; decides
-    /// whether it is accepted and as which user.
+    /// whether it is accepted and as which user. A hook that panics, in its body or in
+    /// its future, refuses the connection. When shutdown begins while the future is
+    /// still pending, it is dropped and the client is refused as shutting down.
     pub fn on_connect<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(ConnectInfo) -> Fut + Send + Sync + 'static,

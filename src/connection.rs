@@ -303,7 +303,21 @@ async fn handshake<R: FrameReader>(
             peer: peer.to_string(),
         };
         let refuse = |detail: String| Err(Some((reason(ErrorCode::Refused, detail), false)));
-        match hooks::call_async("on_connect", &inner.counters, hook(info)).await {
+        // A hook still deciding when shutdown begins is dropped: shutdown waits for
+        // every handshake, and must not wait on the host for ever.
+        let admission = tokio::select! {
+            _ = inner.stop_reading.cancelled() => None,
+            admission = hooks::call_async("on_connect", &inner.counters, || hook(info)) => {
+                Some(admission)
+            }
+        };
+        let Some(admission) = admission else {
+            return Err(Some((
+                reason(ErrorCode::ShuttingDown, "broker shutting down"),
+                false,
+            )));
+        };
+        match admission {
             Some(Admission::Accept) => {}
             Some(Admission::AcceptAs(name)) => {
                 if let Err(detail) = inner.check_id("user", &name) {

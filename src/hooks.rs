@@ -107,12 +107,18 @@ pub(crate) fn call(name: &'static str, counters: &Counters, f: impl FnOnce()) {
     }
 }
 
-/// Runs an asynchronous hook, catching a panic; `None` when it panicked.
-pub(crate) async fn call_async<T>(
+/// Runs an asynchronous hook, catching a panic; `None` when it panicked. `start` calls
+/// the hook, which may panic in its own body before it returns a future as well as in
+/// the future itself.
+pub(crate) async fn call_async<T, F: Future<Output = T>>(
     name: &'static str,
     counters: &Counters,
-    fut: impl Future<Output = T>,
+    start: impl FnOnce() -> F,
 ) -> Option<T> {
+    let Ok(fut) = std::panic::catch_unwind(AssertUnwindSafe(start)) else {
+        counters.hook_panicked(name);
+        return None;
+    };
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(v) => Some(v),
         Err(_) => {
