@@ -8,8 +8,11 @@
 mod common;
 
 use common::*;
+use futures::future::join_all;
+use futures::StreamExt;
 use switchboard::frame::Frame;
-use switchboard::{Admission, Broker, Client, ClientError, ErrorCode};
+use switchboard::{Admission, Broker, Client, ClientError, ErrorCode, Event};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,4 +76,125 @@ async fn shutdown_resolves_while_an_on_connect_hook_never_answers() {
         other => panic!("expected ERROR ShuttingDown, got {other:?}"),
     }
     t.wait_until_empty().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_handshakes_past_max_connections_lets_exactly_the_limit_in() {
+    const MAX: usize = 10;
+    const BURST: usize = 40;
+    let t = TestBroker::with(Broker::builder().max_connections(MAX)).await;
+
+    let attempts = (0..BURST).map(|i| {
+        let link = if i % 2 == 0 { Link::Memory } else { Link::Tcp };
+        t.try_connect(link, Client::builder(format!("user{i}")))
+    });
+    let outcomes = join_all(attempts).await;
+    let mut admitted = Vec::new();
+    let mut refused = 0;
+    for outcome in outcomes {
+        match outcome {
+            Ok(client) => admitted.push(client),
+            Err(ClientError::Refused { code, .. }) => {
+                assert_eq!(code, ErrorCode::TooManyConnections);
+                refused += 1;
+            }
+            Err(other) => panic!("expected a welcome or TooManyConnections, got {other}"),
+        }
+    }
+    assert_eq!(admitted.len(), MAX);
+    assert_eq!(refused, BURST - MAX);
+    let stats = t.broker.stats();
+    assert_eq!(stats.connections, MAX);
+    assert_eq!(stats.connections_refused, (BURST - MAX) as u64);
+
+    // Those admitted all work, and once they leave the broker is empty and takes
+    // new connections again.
+    for client in &admitted {
+        within("subscribe", client.subscribe("room")).await.unwrap();
+    }
+    within("a host publish", t.broker.publish("room", "to all"))
+        .await
+        .unwrap();
+    for client in &mut admitted {
+        assert_eq!(next_payload(client).await, "to all");
+    }
+    drop(admitted);
+    t.wait_until_empty().await;
+    let _late = t.connect(Link::Tcp, "late").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_of_one_user_at_once_leave_exactly_one_when_each_replaces_the_older() {
+    const AT_ONCE: usize = 24;
+    let t = TestBroker::with(Broker::builder().replace_older_connections(true)).await;
+
+    let attempts = (0..AT_ONCE).map(|i| {
+        let link = if i % 2 == 0 { Link::Memory } else { Link::Tcp };
+        t.try_connect(link, Client::builder("dup"))
+    });
+    let mut clients: Vec<Client> = join_all(attempts)
+        .await
+        .into_iter()
+        .map(|outcome| outcome.expect("every handshake is welcomed"))
+        .collect();
+
+    // Exactly one is left: every other one is told it was replaced.
+    let broker = t.broker.clone();
+    wait_until("one connection of dup is left", move || {
+        broker.stats().connections == 1
+    })
+    .await;
+    let survivor = t.broker.stats();
+    assert_eq!((survivor.connections, survivor.users), (1, 1));
+
+    let mut replaced = 0;
+    let mut alive = Vec::new();
+    for (i, client) in clients.iter_mut().enumerate() {
+        match tokio::time::timeout(QUIET, client.next()).await {
+            Ok(Some(Event::Closed { code, .. })) => {
+                assert_eq!(code, ErrorCode::Replaced, "client {i}");
+                replaced += 1;
+            }
+            Ok(other) => panic!("client {i}: expected Closed or nothing, got {other:?}"),
+            Err(_) => alive.push(i),
+        }
+    }
+    assert_eq!(replaced, AT_ONCE - 1);
+    assert_eq!(alive.len(), 1);
+
+    // The one left is the live connection and receives direct messages.
+    let survivor = &mut clients[alive[0]];
+    within("send_to", t.broker.send_to("dup", "you are the one"))
+        .await
+        .unwrap();
+    assert_eq!(next_payload(survivor).await, "you are the one");
+    drop(clients);
+    t.wait_until_empty().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_split_at_every_byte_over_tcp_are_read_whole() {
+    let t = TestBroker::start().await;
+    let mut member = t.connect(Link::Memory, "member").await;
+    within("subscribe", member.subscribe("room")).await.unwrap();
+
+    // HELLO, SUBSCRIBE, two PUBLISHes and a PING, one byte per write.
+    let mut raw = t.raw_tcp().await;
+    let mut bytes = raw_hello(b"slow-typist");
+    bytes.extend(raw_subscribe(7, "other".as_bytes()));
+    bytes.extend(raw_publish(b"room", b"first"));
+    bytes.extend(raw_publish(b"room", "second \0 with a NUL".as_bytes()));
+    bytes.extend(raw_frame(kind::PING, &[]));
+    raw.stream.set_nodelay(true).unwrap();
+    for byte in bytes {
+        raw.stream.write_all(&[byte]).await.unwrap();
+        raw.stream.flush().await.unwrap();
+    }
+
+    assert!(matches!(raw.frame().await, Some(Frame::Welcome { .. })));
+    assert_eq!(raw.frame().await, Some(Frame::Ok { request: 7 }));
+    assert_eq!(raw.frame().await, Some(Frame::Pong));
+    assert_eq!(next_payload(&mut member).await, "first");
+    assert_eq!(next_payload(&mut member).await, "second \0 with a NUL");
+    assert_eq!(t.broker.stats().frames_rejected, 0);
 }
