@@ -198,3 +198,139 @@ async fn frames_split_at_every_byte_over_tcp_are_read_whole() {
     assert_eq!(next_payload(&mut member).await, "second \0 with a NUL");
     assert_eq!(t.broker.stats().frames_rejected, 0);
 }
+
+// ---------------------------------------------------------------------------------
+// WebSocket peers that misbehave below the protocol: at the upgrade, or in the
+// WebSocket framing itself.
+
+#[cfg(feature = "websocket")]
+mod websocket {
+    use super::common::*;
+    use futures::{SinkExt, StreamExt};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+    use switchboard::WebSocketTransport;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    use tokio_tungstenite::WebSocketStream;
+
+    async fn ws_broker(
+        transport: impl FnOnce(WebSocketTransport) -> WebSocketTransport,
+    ) -> (TestBroker, SocketAddr) {
+        let t = TestBroker::start().await;
+        let listener = WebSocketTransport::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        tokio::spawn(t.broker.serve(transport(listener)));
+        (t, addr)
+    }
+
+    async fn open_ws(addr: SocketAddr) -> WebSocketStream<TcpStream> {
+        let stream = within("a TCP connect", TcpStream::connect(addr))
+            .await
+            .unwrap();
+        let (ws, _) = within(
+            "the WebSocket handshake",
+            tokio_tungstenite::client_async(format!("ws://{addr}/"), stream),
+        )
+        .await
+        .expect("WebSocket handshake");
+        ws
+    }
+
+    /// Writes one masked client frame by hand (mask key zero), bypassing tungstenite's
+    /// own checks.
+    async fn raw_ws_frame(ws: &mut WebSocketStream<TcpStream>, first: u8, payload: &[u8]) {
+        assert!(payload.len() < 126);
+        let mut frame = vec![first, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(payload);
+        let stream = ws.get_mut();
+        stream.write_all(&frame).await.unwrap();
+        stream.flush().await.unwrap();
+    }
+
+    /// What arrived as text, parsed, until the end of the connection.
+    async fn json_until_end(ws: &mut WebSocketStream<TcpStream>) -> Vec<serde_json::Value> {
+        let mut got = Vec::new();
+        within("the end of the WebSocket", async {
+            while let Some(Ok(message)) = ws.next().await {
+                if let WsMessage::Text(text) = message {
+                    got.push(serde_json::from_str(text.as_str()).unwrap());
+                }
+            }
+        })
+        .await;
+        got
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_never_sends_the_websocket_upgrade_is_closed() {
+        let (t, addr) = ws_broker(|ws| ws.handshake_timeout(Duration::from_millis(200))).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = within("the broker to close a silent socket", silent.read(&mut buf)).await;
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_eq!(t.broker.stats().connections, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_text_message_that_is_not_utf8_is_malformed() {
+        let (t, addr) = ws_broker(|ws| ws).await;
+        let mut ws = open_ws(addr).await;
+        ws.send(WsMessage::text(
+            r#"{"type":"hello","version":1,"user":"bad"}"#,
+        ))
+        .await
+        .unwrap();
+        // FIN and opcode 1 (text), with bytes that are not UTF-8.
+        raw_ws_frame(&mut ws, 0x81, b"{\"type\":\"ping\xff\"}").await;
+        let got = json_until_end(&mut ws).await;
+        let kinds: Vec<_> = got.iter().map(|v| v["type"].clone()).collect();
+        assert_eq!(kinds, ["welcome", "error", "close"], "{got:?}");
+        assert_eq!(got[1]["code"], 1, "{got:?}");
+        assert_eq!(got[2]["code"], 1, "{got:?}");
+        assert_eq!(t.broker.stats().frames_rejected, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_websocket_protocol_violation_is_refused_as_malformed() {
+        let (t, addr) = ws_broker(|ws| ws).await;
+        let mut ws = open_ws(addr).await;
+        ws.send(WsMessage::text(
+            r#"{"type":"hello","version":1,"user":"bad"}"#,
+        ))
+        .await
+        .unwrap();
+        // FIN and opcode 3, which WebSocket reserves.
+        raw_ws_frame(&mut ws, 0x83, b"").await;
+        let got = json_until_end(&mut ws).await;
+        let kinds: Vec<_> = got.iter().map(|v| v["type"].clone()).collect();
+        assert_eq!(kinds, ["welcome", "error", "close"], "{got:?}");
+        assert_eq!(got[1]["code"], 1, "{got:?}");
+        assert_eq!(t.broker.stats().frames_rejected, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_drops_its_socket_without_a_websocket_close_is_not_bad_input() {
+        let (t, addr) = ws_broker(|ws| ws).await;
+        let mut ws = open_ws(addr).await;
+        ws.send(WsMessage::text(
+            r#"{"type":"hello","version":1,"user":"gone"}"#,
+        ))
+        .await
+        .unwrap();
+        match within("the welcome", ws.next()).await {
+            Some(Ok(WsMessage::Text(text))) => assert!(text.as_str().contains("welcome")),
+            other => panic!("expected the welcome, got {other:?}"),
+        }
+        // Half a frame, then the socket goes: the broker reads the end of the stream
+        // where a WebSocket close should have been.
+        let stream = ws.get_mut();
+        stream.write_all(&[0x81]).await.unwrap();
+        stream.shutdown().await.unwrap();
+        drop(ws);
+
+        t.wait_until_empty().await;
+        assert_eq!(t.broker.stats().frames_rejected, 0);
+    }
+}

@@ -29,9 +29,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
@@ -40,6 +41,10 @@ pub use tokio_tungstenite::WebSocketStream;
 /// The largest WebSocket message accepted by default: a 1 MiB frame and its prefix.
 const DEFAULT_MAX_MESSAGE: usize = 1024 * 1024 + LENGTH_PREFIX;
 
+/// Time allowed for the WebSocket upgrade by default, the broker's own default time
+/// for a `HELLO`.
+const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Neither form seen yet.
 const UNKNOWN: u8 = 0;
 const BINARY: u8 = 1;
@@ -47,9 +52,15 @@ const JSON: u8 = 2;
 
 /// A WebSocket listener. Each accepted socket completes the WebSocket handshake on its
 /// connection's own task, so a slow client never holds up the others.
+///
+/// A socket is handed to the broker only once its upgrade is done, so the broker's
+/// `handshake_timeout` and `max_connections` start counting from there; until then the
+/// transport's own [`WebSocketTransport::handshake_timeout`] bounds how long a socket
+/// that never completes the upgrade is kept.
 pub struct WebSocketTransport {
     listener: TcpListener,
     config: WebSocketConfig,
+    upgrade_timeout: Duration,
     handshakes: tokio::task::JoinSet<io::Result<WsConnection<TcpStream>>>,
 }
 
@@ -74,8 +85,17 @@ impl WebSocketTransport {
         WebSocketTransport {
             listener,
             config: limits(DEFAULT_MAX_MESSAGE),
+            upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
             handshakes: tokio::task::JoinSet::new(),
         }
+    }
+
+    /// The longest a socket may take to complete the WebSocket upgrade (its HTTP
+    /// request, read in full); past it the socket is closed without an answer. Default
+    /// 10 s.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.upgrade_timeout = timeout;
+        self
     }
 
     /// The largest WebSocket message, in bytes, the transport reads; a larger one
@@ -116,9 +136,12 @@ impl Transport for WebSocketTransport {
                     let (stream, peer) = accepted?;
                     let _ = stream.set_nodelay(true);
                     let config = self.config;
+                    let limit = self.upgrade_timeout;
                     self.handshakes.spawn(async move {
-                        let ws = tokio_tungstenite::accept_async_with_config(stream, Some(config))
+                        let upgrade = tokio_tungstenite::accept_async_with_config(stream, Some(config));
+                        let ws = tokio::time::timeout(limit, upgrade)
                             .await
+                            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no WebSocket upgrade in time"))?
                             .map_err(io::Error::other)?;
                         Ok(connection(ws, peer.to_string()))
                     });
@@ -186,6 +209,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameReader for WsReade
                     return Err(DecodeError::TooLarge {
                         length,
                         max: max_frame,
+                    }
+                    .into());
+                }
+                Some(Err(tungstenite::Error::Utf8(e))) => {
+                    // A text message whose bytes are not UTF-8: bad input in the JSON
+                    // form, like text that is not JSON.
+                    tracing::debug!(cause = %e, "WebSocket text message is not UTF-8");
+                    self.saw(JSON);
+                    return Err(DecodeError::Malformed {
+                        kind: "JSON",
+                        what: "text message is not valid UTF-8",
+                    }
+                    .into());
+                }
+                Some(Err(tungstenite::Error::Protocol(
+                    e @ ProtocolError::ResetWithoutClosingHandshake,
+                ))) => {
+                    // The peer went away without a WebSocket close: a lost link, not
+                    // bad input.
+                    return Err(ReadError::Io(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        e,
+                    )));
+                }
+                Some(Err(tungstenite::Error::Protocol(e))) => {
+                    // The peer broke the WebSocket framing itself (a reserved opcode, an
+                    // unmasked frame, a bad continuation): bad input, answered as such.
+                    // tungstenite keeps the socket writable, so the answer gets out.
+                    tracing::debug!(cause = %e, "WebSocket protocol violation");
+                    return Err(DecodeError::Malformed {
+                        kind: "WebSocket",
+                        what: "the WebSocket framing breaks RFC 6455",
                     }
                     .into());
                 }
