@@ -10,6 +10,7 @@ mod common;
 use common::*;
 use futures::future::join_all;
 use futures::StreamExt;
+use std::time::Duration;
 use switchboard::frame::Frame;
 use switchboard::{Admission, Broker, Client, ClientError, ErrorCode, Event};
 use tokio::io::AsyncWriteExt;
@@ -199,6 +200,112 @@ async fn frames_split_at_every_byte_over_tcp_are_read_whole() {
     assert_eq!(t.broker.stats().frames_rejected, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_way_a_connection_can_end_gives_its_place_back() {
+    // Two places only: a single leaked place among the rounds below would lock the
+    // broker out for good.
+    let builder = Broker::builder()
+        .max_connections(2)
+        .handshake_timeout(Duration::from_millis(100))
+        .outbox_bytes(1024)
+        .replace_older_connections(true)
+        .on_connect(|info| {
+            if &*info.user == "panics-now" {
+                panic!("the host's on_connect hook failed");
+            }
+            async move {
+                match &*info.user {
+                    "refused" => Admission::Refuse("not today".into()),
+                    "panics-later" => panic!("the host's on_connect future failed"),
+                    _ => Admission::Accept,
+                }
+            }
+        });
+    let t = TestBroker::with(builder).await;
+
+    for round in 0..3 {
+        // Refused during the handshake: bad bytes, the host, a panicking hook, silence.
+        let mut raw = t.raw_tcp().await;
+        raw.send(&raw_frame(0x7f, b"")).await;
+        raw.expect_rejected(ErrorCode::UnknownKind).await;
+        for user in ["refused", "panics-now", "panics-later"] {
+            let mut raw = t.raw_memory().await;
+            raw.send(raw_hello(user.as_bytes())).await;
+            assert!(
+                matches!(raw.frame().await, Some(Frame::Error { .. })),
+                "{user}"
+            );
+        }
+        let mut silent = t.raw_memory().await;
+        match silent.frame().await {
+            Some(Frame::Error { code, .. }) => assert_eq!(code, ErrorCode::HandshakeTimeout),
+            other => panic!("expected ERROR HandshakeTimeout, got {other:?}"),
+        }
+
+        // Ended after the handshake: bad input, the client, the host, a newer
+        // connection of the same user, an outbox that overflows.
+        let mut raw = t.raw_tcp().await;
+        raw.handshake("bad").await;
+        raw.send(&raw_frame(kind::DELIVER, b"")).await;
+        raw.expect_rejected(ErrorCode::Malformed).await;
+
+        let client = t.connect(Link::Tcp, "polite").await;
+        client.close().await;
+        drop(client);
+
+        let mut kicked = t.connect(Link::Memory, "kicked").await;
+        let broker = t.broker.clone();
+        wait_until("kicked is registered", move || {
+            broker.stats().connections == 1
+        })
+        .await;
+        assert_eq!(t.broker.disconnect("kicked", "go away"), 1);
+        assert_eq!(closed(&mut kicked).await.0, ErrorCode::ClosedByHost);
+
+        let mut older = t.connect(Link::Memory, "twice").await;
+        let newer = t.connect(Link::Tcp, "twice").await;
+        assert_eq!(closed(&mut older).await.0, ErrorCode::Replaced);
+        drop(newer);
+
+        let mut stalled = t.raw_memory().await;
+        stalled.handshake("stalled").await;
+        stalled
+            .send(raw_subscribe(1, format!("flood{round}").as_bytes()))
+            .await;
+        assert_eq!(stalled.frame().await, Some(Frame::Ok { request: 1 }));
+        let slow_before = t.broker.stats().slow_consumers;
+        let broker = t.broker.clone();
+        within("the stalled member to overflow", async {
+            while broker.stats().slow_consumers == slow_before {
+                broker
+                    .publish(&format!("flood{round}"), vec![0u8; 512])
+                    .await
+                    .unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        drop(stalled);
+
+        t.wait_until_empty().await;
+    }
+
+    // Both places are free again.
+    let mut a = t.connect(Link::Tcp, "a").await;
+    let b = t.connect(Link::Memory, "b").await;
+    b.send_direct("a", "the last two").await.unwrap();
+    assert_eq!(next_payload(&mut a).await, "the last two");
+    let stats = t.broker.stats();
+    assert_eq!((stats.connections, stats.users, stats.sessions), (2, 2, 0));
+    assert_eq!(stats.hook_panics, 6);
+    assert_eq!(stats.slow_consumers, 3);
+    assert_eq!(stats.frames_rejected, 6);
+    assert_eq!(stats.connections_refused, 3 * 5);
+    for id in ["flood0", "flood1", "flood2"] {
+        assert_eq!(t.broker.session(id), None);
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // WebSocket peers that misbehave below the protocol: at the upgrade, or in the
 // WebSocket framing itself.
@@ -331,6 +438,26 @@ mod websocket {
         drop(ws);
 
         t.wait_until_empty().await;
+        assert_eq!(t.broker.stats().frames_rejected, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "the first frame is held to the size of the largest binary HELLO, which the same HELLO in JSON text exceeds by its keys and quotes, so it is refused as too large"]
+    async fn a_json_hello_with_the_longest_user_and_token_is_welcomed_like_its_binary_twin() {
+        let (t, addr) = ws_broker(|ws| ws).await;
+        let user = "u".repeat(256);
+        let token = "t".repeat(u16::MAX as usize);
+        let mut ws = open_ws(addr).await;
+        let hello =
+            serde_json::json!({"type": "hello", "version": 1, "user": user, "token": token});
+        ws.send(WsMessage::text(hello.to_string())).await.unwrap();
+        match within("the welcome", ws.next()).await {
+            Some(Ok(WsMessage::Text(text))) => {
+                let welcome: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                assert_eq!(welcome["type"], "welcome", "{welcome}");
+            }
+            other => panic!("expected the welcome, got {other:?}"),
+        }
         assert_eq!(t.broker.stats().frames_rejected, 0);
     }
 }
