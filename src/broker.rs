@@ -273,8 +273,7 @@ impl Builder {
 
     /// Makes this broker one node of a cluster: messages published here also reach
     /// members and users on the other nodes, through `backend`. See
-    /// [`crate::cluster`], and [`crate::cluster::redis::RedisCluster`] (feature
-    /// `redis`).
+    /// [`crate::cluster`], and `cluster::redis::RedisCluster` (feature `redis`).
     pub fn cluster(mut self, backend: impl ClusterBackend) -> Self {
         self.cluster = Some(Box::new(backend));
         self

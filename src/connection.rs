@@ -193,7 +193,7 @@ pub(crate) async fn run<R: FrameReader, W: FrameWriter>(
         refuse(&inner, &mut writer, reader.format(), refusal).await;
         // The peer's HELLO may still be on its way; reading it for a moment lets the
         // peer read the refusal instead of a reset.
-        let limit = first_frame_limit(&inner.config);
+        let limit = first_frame_limit(&inner.config, reader.may_speak_json());
         let drain = async { while let Ok(Some(_)) = reader.read_frame(limit).await {} };
         let _ = time::timeout(REFUSAL_DRAIN, drain).await;
         return;
@@ -261,7 +261,7 @@ async fn handshake<R: FrameReader>(
         _ = inner.stop_reading.cancelled() => {
             return Err(Some((reason(ErrorCode::ShuttingDown, "broker shutting down"), false)));
         }
-        first = time::timeout(config.handshake_timeout, reader.read_frame(first_frame_limit(config))) => first,
+        first = time::timeout(config.handshake_timeout, reader.read_frame(first_frame_limit(config, reader.may_speak_json()))) => first,
     };
     let bad = |code, detail: String| Err(Some((reason(code, detail), true)));
     let (user, token) = match first {
@@ -374,8 +374,13 @@ async fn handshake<R: FrameReader>(
 }
 
 /// The largest first frame worth reading: a HELLO with the longest user id and token.
-fn first_frame_limit(config: &crate::broker::Config) -> usize {
+///
+/// The JSON form spends bytes on keys and quotes, so a transport that may carry it is
+/// allowed twice the binary size; that covers any id and token written without
+/// escapes. A token written mostly in `\u` escapes, six bytes each, can still exceed it.
+fn first_frame_limit(config: &crate::broker::Config, json: bool) -> usize {
     let hello = 1 + 1 + 2 + config.max_id_len + 2 + u16::MAX as usize;
+    let hello = if json { 2 * hello } else { hello };
     config.max_frame.min(hello)
 }
 

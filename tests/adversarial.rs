@@ -442,7 +442,6 @@ mod websocket {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "the first frame is held to the size of the largest binary HELLO, which the same HELLO in JSON text exceeds by its keys and quotes, so it is refused as too large"]
     async fn a_json_hello_with_the_longest_user_and_token_is_welcomed_like_its_binary_twin() {
         let (t, addr) = ws_broker(|ws| ws).await;
         let user = "u".repeat(256);

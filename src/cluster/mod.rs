@@ -3,11 +3,11 @@
 //!
 //! The broker does the meaning, the backend does the moving. A forwarding worker
 //! delivers each message to its local members first, exactly as without a cluster,
-//! then offers an [`Outbound`] (the message in a compact [`envelope`]) to a bounded
+//! then offers an [`Outbound`] (the message in a compact envelope) to a bounded
 //! queue with `try_send`: local delivery never waits on the backend. The backend
 //! drains that queue, finds the other nodes that hold members of the session or
 //! connections of the user, and carries the envelope to each of them; on a receiving
-//! node it hands the envelope back through [`ClusterNode::deliver`], which queues it
+//! node it hands the envelope back through [`Inbound::deliver`], which queues it
 //! on the same worker as local messages to that target, for local members only.
 //!
 //! # Interest
@@ -31,7 +31,7 @@
 //! `on_message` runs on the node where the message was published, with the number of
 //! members it reached there.
 //!
-//! The Redis backend lives in [`redis`] (feature `redis`).
+//! The Redis backend lives in `cluster::redis` (feature `redis`).
 
 mod envelope;
 #[cfg(feature = "redis")]

@@ -73,6 +73,13 @@ pub trait FrameReader: Send + 'static {
     fn format(&self) -> WireFormat {
         WireFormat::Binary
     }
+
+    /// Whether the peer may speak the JSON form, known before its first frame. The
+    /// broker then allows a first frame twice the size of the largest binary `HELLO`,
+    /// room for the JSON form's keys and quotes.
+    fn may_speak_json(&self) -> bool {
+        false
+    }
 }
 
 /// The outbound half of a connection: encoded frames.

@@ -274,6 +274,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameReader for WsReade
         self.read
     }
 
+    fn may_speak_json(&self) -> bool {
+        true
+    }
+
     fn format(&self) -> WireFormat {
         match self.format.load(Ordering::Acquire) {
             JSON => WireFormat::Json,
