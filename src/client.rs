@@ -553,6 +553,14 @@ async fn write_loop<W: FrameWriter>(
     let _ = writer.close().await;
 }
 
+/// `text` as an `Arc<str>`, reusing `last` when it holds the same text.
+fn shared_str(last: &mut Option<Arc<str>>, text: &str) -> Arc<str> {
+    match last {
+        Some(kept) if **kept == *text => kept.clone(),
+        _ => last.insert(Arc::from(text)).clone(),
+    }
+}
+
 async fn read_loop<R: FrameReader>(
     mut reader: R,
     max_frame: usize,
@@ -568,6 +576,10 @@ async fn read_loop<R: FrameReader>(
     ticks.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut heard = false;
+    // Deliveries mostly repeat the sender and target of the one before, so the last of
+    // each is kept and shared instead of allocating two strings per message.
+    let mut last_sender: Option<Arc<str>> = None;
+    let mut last_target: Option<Arc<str>> = None;
 
     let (code, reason) = loop {
         let frame = tokio::select! {
@@ -601,14 +613,15 @@ async fn read_loop<R: FrameReader>(
                 target,
                 payload,
             } => {
+                let target = shared_str(&mut last_target, target.as_str());
                 let target = match kind {
-                    MessageKind::Session => Target::Session(Arc::from(target.as_str())),
-                    MessageKind::Direct => Target::User(Arc::from(target.as_str())),
+                    MessageKind::Session => Target::Session(target),
+                    MessageKind::Direct => Target::User(target),
                 };
                 Event::Message(Message {
                     id,
                     kind,
-                    sender: Arc::from(sender.as_str()),
+                    sender: shared_str(&mut last_sender, sender.as_str()),
                     target,
                     sent_at: from_unix_micros(sent_at_us),
                     payload,
