@@ -15,7 +15,7 @@ use crate::frame::{ErrorCode, Frame, NoticeKind, Text, PROTOCOL_VERSION};
 use crate::message::{from_unix_micros, Message, MessageKind, Target};
 use crate::transport::{FrameReader, FrameWriter, MemoryConnector, TcpTransport};
 use bytes::Bytes;
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -213,7 +213,10 @@ impl ClientBuilder {
 
         let heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(1)));
         let (out_tx, out_rx) = mpsc::channel(OUTGOING);
-        let (event_tx, event_rx) = mpsc::channel(self.event_capacity);
+        // Events travel in batches of what one read brought, so the channel's cost is
+        // paid per batch; its bound in batches keeps the bound in events.
+        let batch = self.event_capacity.min(EVENT_BATCH);
+        let (event_tx, event_rx) = mpsc::channel((self.event_capacity / batch).max(1));
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU32::new(1),
@@ -225,7 +228,11 @@ impl ClientBuilder {
             self.max_frame,
             shared.clone(),
             out_tx.downgrade(),
-            event_tx,
+            EventSender {
+                tx: event_tx,
+                batch: Vec::new(),
+                limit: batch,
+            },
             heartbeat,
         ));
 
@@ -237,7 +244,10 @@ impl ClientBuilder {
                 connection: ConnectionId(connection),
                 max_frame: max_frame as usize,
             },
-            events: Events { rx: event_rx },
+            events: Events {
+                rx: event_rx,
+                ready: Vec::new().into_iter(),
+            },
         })
     }
 }
@@ -281,7 +291,43 @@ pub struct ClientHandle {
 
 /// The event side of a [`Client`].
 pub struct Events {
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::Receiver<Vec<Event>>,
+    /// The rest of the batch last received.
+    ready: std::vec::IntoIter<Event>,
+}
+
+/// Most events handed from the reader to the event stream at once.
+const EVENT_BATCH: usize = 64;
+
+/// The reader's end of the event stream: events decoded from what is already read are
+/// gathered and handed over together once the next frame would have to be waited for.
+struct EventSender {
+    tx: mpsc::Sender<Vec<Event>>,
+    batch: Vec<Event>,
+    limit: usize,
+}
+
+impl EventSender {
+    /// Adds an event, handing the batch over when it is full.
+    async fn push(&mut self, event: Event) {
+        // With the event stream dropped, a client that only sends keeps working:
+        // events are read and discarded so the broker never sees a slow consumer.
+        if self.tx.is_closed() {
+            return;
+        }
+        self.batch.push(event);
+        if self.batch.len() >= self.limit {
+            self.flush().await;
+        }
+    }
+
+    /// Hands over what is gathered; waits while the stream is full.
+    async fn flush(&mut self) {
+        if !self.batch.is_empty() {
+            let batch = std::mem::take(&mut self.batch);
+            let _ = self.tx.send(batch).await;
+        }
+    }
 }
 
 type Reply = oneshot::Sender<Result<(), ClientError>>;
@@ -340,7 +386,20 @@ impl Stream for Client {
 impl Events {
     /// The next event; `None` after [`Event::Closed`].
     pub async fn recv(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        loop {
+            if let Some(event) = self.ready.next() {
+                return Poll::Ready(Some(event));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(batch)) => self.ready = batch.into_iter(),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -348,7 +407,7 @@ impl Stream for Events {
     type Item = Event;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        self.rx.poll_recv(cx)
+        self.poll_event(cx)
     }
 }
 
@@ -566,7 +625,7 @@ async fn read_loop<R: FrameReader>(
     max_frame: usize,
     shared: Arc<Shared>,
     out: mpsc::WeakSender<Bytes>,
-    events: mpsc::Sender<Event>,
+    mut events: EventSender,
     heartbeat: Duration,
 ) {
     // The broker pings after each quiet interval, so three silent ones mean it is gone.
@@ -582,16 +641,24 @@ async fn read_loop<R: FrameReader>(
     let mut last_target: Option<Arc<str>> = None;
 
     let (code, reason) = loop {
-        let frame = tokio::select! {
-            now = ticks.tick() => {
-                if std::mem::take(&mut heard) {
-                    last_heard = now;
-                } else if now.duration_since(last_heard) >= silence {
-                    break (ErrorCode::IdleTimeout, "nothing heard from the broker".to_string());
+        // A frame already read is taken at once; otherwise what was gathered is handed
+        // over before waiting. `read_frame` is cancel-safe, so trying it loses nothing.
+        let frame = match reader.read_frame(max_frame).now_or_never() {
+            Some(frame) => frame,
+            None => {
+                events.flush().await;
+                tokio::select! {
+                    now = ticks.tick() => {
+                        if std::mem::take(&mut heard) {
+                            last_heard = now;
+                        } else if now.duration_since(last_heard) >= silence {
+                            break (ErrorCode::IdleTimeout, "nothing heard from the broker".to_string());
+                        }
+                        continue;
+                    }
+                    frame = reader.read_frame(max_frame) => frame,
                 }
-                continue;
             }
-            frame = reader.read_frame(max_frame) => frame,
         };
         let frame = match frame {
             Ok(Some(frame)) => frame,
@@ -628,6 +695,8 @@ async fn read_loop<R: FrameReader>(
                 })
             }
             Frame::Ok { request } => {
+                // Events that came before the reply are in the stream before it resolves.
+                events.flush().await;
                 if let Some(reply) = shared.pending.lock().remove(&request) {
                     let _ = reply.send(Ok(()));
                 }
@@ -638,6 +707,7 @@ async fn read_loop<R: FrameReader>(
                 code,
                 reason,
             } => {
+                events.flush().await;
                 let reply = shared.pending.lock().remove(&request);
                 match reply {
                     Some(reply) => {
@@ -694,15 +764,13 @@ async fn read_loop<R: FrameReader>(
                 )
             }
         };
-        // With the event stream dropped, a client that only sends keeps working:
-        // events are read and discarded so the broker never sees a slow consumer.
-        if !events.is_closed() {
-            let _ = events.send(event).await;
-        }
+        events.push(event).await;
     };
 
-    // Every waiting request learns the connection is gone.
+    // Every waiting request learns the connection is gone, after the events before.
+    events.flush().await;
     *shared.closed.lock() = Some((code, reason.clone()));
     shared.pending.lock().clear();
-    let _ = events.send(Event::Closed { code, reason }).await;
+    events.push(Event::Closed { code, reason }).await;
+    events.flush().await;
 }
