@@ -510,6 +510,20 @@ impl Inner {
 
 /// The broker. Cheap to clone: every clone is a handle to the same broker.
 ///
+/// The host drives it through these methods. [`serve`](Broker::serve) and
+/// [`accept`](Broker::accept) bring connections in. [`publish`](Broker::publish) and
+/// [`send_to`](Broker::send_to) push messages from the host. [`join`](Broker::join),
+/// [`leave`](Broker::leave), [`close_session`](Broker::close_session) and
+/// [`disconnect`](Broker::disconnect) change who is where, and say how many connections
+/// they changed. [`session`](Broker::session) and [`stats`](Broker::stats) read the
+/// state, and [`shutdown`](Broker::shutdown) ends it all.
+///
+/// `join`, `leave` and `close_session` change the session map before they return, so a
+/// message published after one of them sees the change. `disconnect` only asks: the
+/// connections end on their own tasks a moment later. None of them blocks on a peer,
+/// and each may be called from inside a hook. In a cluster they act on this node's
+/// connections only, while `publish` and `send_to` reach every node.
+///
 /// See the crate documentation for an embedding example.
 #[derive(Clone)]
 pub struct Broker {
@@ -517,19 +531,77 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts building a broker.
+    /// Starts building a broker; [`Builder`] lists the settings and hooks.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// use switchboard::Broker;
+    ///
+    /// let broker = Broker::builder().max_connections(10).build();
+    /// assert_eq!(broker.config().max_connections, 10);
+    /// assert_eq!(broker.stats().connections, 0);
+    /// # }
+    /// ```
     pub fn builder() -> Builder {
         Builder::default()
     }
 
-    /// The settings in force.
+    /// The settings in force: the builder's, as [`Builder::build`] left them. The one
+    /// setting it may change is [`Config::heartbeat_interval`], which it lowers to half
+    /// of [`Config::idle_timeout`] when it was longer.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() {
+    /// use std::time::Duration;
+    /// use switchboard::Broker;
+    ///
+    /// let broker = Broker::builder()
+    ///     .idle_timeout(Duration::from_secs(10))
+    ///     .heartbeat_interval(Duration::from_secs(30))
+    ///     .build();
+    /// assert_eq!(broker.config().idle_timeout, Duration::from_secs(10));
+    /// assert_eq!(broker.config().heartbeat_interval, Duration::from_secs(5));
+    /// # }
+    /// ```
     pub fn config(&self) -> &Config {
         &self.inner.config
     }
 
     /// Accepts connections from `transport` until shutdown begins or the transport
-    /// runs out. Each connection runs on its own tasks; the returned future only
-    /// accepts, so it can be spawned or awaited.
+    /// runs out.
+    ///
+    /// The returned future holds its own handle to the broker, so it can be spawned as
+    /// it is, with no clone of the broker first, or awaited. It only accepts: each
+    /// connection runs on tasks of its own from its handshake to its end, and carries
+    /// on after the future has finished. Several transports can be served at once, each
+    /// by its own future, and their connections meet in the same sessions.
+    ///
+    /// The future finishes when [`shutdown`](Broker::shutdown) begins, or when the
+    /// transport's [`accept`](Transport::accept) returns `Ok(None)`; a
+    /// [`MemoryTransport`](crate::MemoryTransport) does that once its connectors are
+    /// all dropped. An error from `accept` does not end it: the error is logged and
+    /// passed to the `on_error` hook (with no connection, and [`ErrorCode::Normal`]),
+    /// and accepting resumes after a pause of 50 ms, so that a transport failing every
+    /// call, out of file descriptors say, does not spin.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use switchboard::{Broker, Client, MemoryTransport};
+    ///
+    /// let broker = Broker::builder().build();
+    /// let (transport, connector) = MemoryTransport::new();
+    /// let serving = tokio::spawn(broker.serve(transport));
+    ///
+    /// let alice = Client::builder("alice").connect_memory(&connector).await?;
+    ///
+    /// // With no connector left the transport yields no more connections, and the
+    /// // future finishes; the connection it accepted carries on.
+    /// drop(connector);
+    /// serving.await?;
+    /// alice.subscribe("lobby").await?;
+    /// assert_eq!(broker.session("lobby").map(|s| s.members.len()), Some(1));
+    /// # Ok(()) }
+    /// ```
     pub fn serve<T: Transport>(
         &self,
         mut transport: T,
@@ -562,8 +634,43 @@ impl Broker {
         }
     }
 
-    /// Hands the broker one connection the host accepted itself. The broker runs it
-    /// to the end on its own tasks. During shutdown the connection is refused.
+    /// Hands the broker one connection the host accepted itself: for a host with an
+    /// accept loop of its own, one that looks at each socket first or takes
+    /// connections from a server it already runs.
+    ///
+    /// Returns at once. The handshake and everything after it run on the broker's
+    /// tasks, exactly as for a connection from [`serve`](Broker::serve), under the same
+    /// limits and hooks. A connection past [`Config::max_connections`], or whose
+    /// handshake is bad, late or refused by `on_connect`, is sent an error frame and
+    /// closed, and counted in [`Stats::connections_refused`]. Once shutdown has begun,
+    /// every connection handed in is refused that way, as the broker shutting down.
+    ///
+    /// # Panics
+    ///
+    /// Panics when called outside a Tokio runtime.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use switchboard::{Broker, Client, TcpTransport};
+    /// use tokio::net::TcpListener;
+    ///
+    /// let broker = Broker::builder().build();
+    /// let listener = TcpListener::bind("127.0.0.1:0").await?;
+    /// let addr = listener.local_addr()?;
+    ///
+    /// // The host's own accept loop, handing each stream on.
+    /// let host = broker.clone();
+    /// tokio::spawn(async move {
+    ///     while let Ok((stream, _peer)) = listener.accept().await {
+    ///         host.accept(TcpTransport::connection(stream));
+    ///     }
+    /// });
+    ///
+    /// let alice = Client::builder("alice").connect_tcp(addr).await?;
+    /// assert_eq!(alice.user(), "alice");
+    /// assert_eq!(broker.stats().connections, 1);
+    /// # Ok(()) }
+    /// ```
     pub fn accept<R: FrameReader, W: FrameWriter>(&self, connection: Connection<R, W>) {
         let inner = self.inner.clone();
         let reading = inner.reading.token();
@@ -573,13 +680,57 @@ impl Broker {
             .spawn(connection::run(inner, connection, reading));
     }
 
-    /// Pushes `payload` from the host to every member of `session`. Waits while the
-    /// ingress queue is full.
+    /// Pushes `payload` from the host to every member of `session`.
+    ///
+    /// Resolves once the message is on the ingress queue, waiting while that queue is
+    /// full; a forwarding worker delivers it after. `Ok` says that the broker took the
+    /// message, not that anyone received it: a session with no members is no error,
+    /// and the message then reaches nobody. The `on_message` hook tells how many
+    /// members took each message, 0 for a session nobody is in. Members see an empty
+    /// sender ([`Message::is_from_host`]), and none is skipped, since no connection
+    /// sent it. Messages published one after another, each call awaited before the
+    /// next, reach every member in that order. In a cluster the message also reaches
+    /// the session's members on the other nodes.
     ///
     /// # Errors
     ///
-    /// Fails when the session id is invalid, the payload is over
-    /// [`Config::max_frame`], or the broker is shutting down.
+    /// [`BrokerError::InvalidId`] when `session` is empty or longer than
+    /// [`Config::max_id_len`]; [`BrokerError::TooLarge`] when the payload is over
+    /// [`Config::max_frame`]; [`BrokerError::ShuttingDown`] once shutdown has begun. A
+    /// message refused is not queued, and `on_message` does not run for it.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::StreamExt;
+    /// use switchboard::{Broker, BrokerError, Client, Event, MemoryTransport};
+    /// use tokio::sync::mpsc;
+    ///
+    /// let (tx, mut reached) = mpsc::unbounded_channel();
+    /// let broker = Broker::builder()
+    ///     .on_message(move |message, n| {
+    ///         let _ = tx.send((message.target.id().to_string(), n));
+    ///     })
+    ///     .build();
+    /// let (transport, connector) = MemoryTransport::new();
+    /// tokio::spawn(broker.serve(transport));
+    ///
+    /// let mut alice = Client::builder("alice").connect_memory(&connector).await?;
+    /// alice.subscribe("news").await?;
+    ///
+    /// broker.publish("news", "hello").await?;
+    /// let Some(Event::Message(message)) = alice.next().await else { panic!() };
+    /// assert!(message.is_from_host());
+    /// assert_eq!(&message.payload[..], b"hello");
+    /// assert_eq!(reached.recv().await, Some(("news".to_string(), 1)));
+    ///
+    /// // A session nobody is in takes the message, which reaches nobody.
+    /// broker.publish("empty", "anyone?").await?;
+    /// assert_eq!(reached.recv().await, Some(("empty".to_string(), 0)));
+    ///
+    /// let refused = broker.publish("", "no session").await;
+    /// assert!(matches!(refused, Err(BrokerError::InvalidId { .. })));
+    /// # Ok(()) }
+    /// ```
     pub async fn publish(
         &self,
         session: &str,
@@ -588,13 +739,55 @@ impl Broker {
         self.push(session, payload.into(), true).await
     }
 
-    /// Sends `payload` from the host to every live connection of `user`. Waits while
-    /// the ingress queue is full.
+    /// Sends `payload` from the host, as a direct message, to every live connection of
+    /// `user`.
+    ///
+    /// Resolves once the message is on the ingress queue, waiting while that queue is
+    /// full. A user with no live connection is no error: the call returns `Ok(())` and
+    /// the message reaches nobody. There is no sender to give a
+    /// [`Notice::NotDelivered`](crate::Notice::NotDelivered) to, as a connection would
+    /// get; the host learns it from the `on_message` hook instead, which runs for the
+    /// message with `reached` 0. A connection that completes its handshake after the
+    /// message was forwarded does not receive it. Connections see an empty sender
+    /// ([`Message::is_from_host`]). In a cluster the message also reaches the user's
+    /// connections on other nodes, and `reached` counts this node's only.
     ///
     /// # Errors
     ///
-    /// Fails when the user id is invalid, the payload is over [`Config::max_frame`],
-    /// or the broker is shutting down.
+    /// [`BrokerError::InvalidId`] when `user` is empty or longer than
+    /// [`Config::max_id_len`]; [`BrokerError::TooLarge`] when the payload is over
+    /// [`Config::max_frame`]; [`BrokerError::ShuttingDown`] once shutdown has begun.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::StreamExt;
+    /// use switchboard::{Broker, Client, Event, MemoryTransport};
+    /// use tokio::sync::mpsc;
+    ///
+    /// let (tx, mut reached) = mpsc::unbounded_channel();
+    /// let broker = Broker::builder()
+    ///     .on_message(move |message, n| {
+    ///         let _ = tx.send((message.target.id().to_string(), n));
+    ///     })
+    ///     .build();
+    /// let (transport, connector) = MemoryTransport::new();
+    /// tokio::spawn(broker.serve(transport));
+    ///
+    /// // Bob on two devices: both receive it.
+    /// let mut phone = Client::builder("bob").connect_memory(&connector).await?;
+    /// let mut laptop = Client::builder("bob").connect_memory(&connector).await?;
+    /// broker.send_to("bob", "your order shipped").await?;
+    /// for device in [&mut phone, &mut laptop] {
+    ///     let Some(Event::Message(message)) = device.next().await else { panic!() };
+    ///     assert_eq!(&message.payload[..], b"your order shipped");
+    /// }
+    /// assert_eq!(reached.recv().await, Some(("bob".to_string(), 2)));
+    ///
+    /// // Carol is not connected: still Ok, and on_message says it reached nobody.
+    /// broker.send_to("carol", "your order shipped").await?;
+    /// assert_eq!(reached.recv().await, Some(("carol".to_string(), 0)));
+    /// # Ok(()) }
+    /// ```
     pub async fn send_to(&self, user: &str, payload: impl Into<Bytes>) -> Result<(), BrokerError> {
         self.push(user, payload.into(), false).await
     }
@@ -628,13 +821,47 @@ impl Broker {
         inner.enqueue(inner.worker_for(target), job).await
     }
 
-    /// Adds a user's connections (or one connection) to `session`; each gets a
-    /// `Joined` notice. Returns how many connections joined.
+    /// Adds every live connection of a user, or one connection, to `session`, which
+    /// comes into being with its first member. Each connection added gets a
+    /// [`Notice::Joined`](crate::Notice::Joined).
+    ///
+    /// Returns how many connections it added. Two kinds are skipped, told nothing and
+    /// not counted: a connection that is a member of `session` already, and one at its
+    /// limit of [`Config::max_sessions_per_connection`]. A user with no live
+    /// connection, or a connection id that is not live, gives `Ok(0)`; a connection
+    /// still in its handshake is not live yet. A connection that is closing may be
+    /// added and counted, and leaves the session again as it ends.
     ///
     /// # Errors
     ///
-    /// Fails when the session id is invalid. A connection already at its session
-    /// limit is skipped.
+    /// [`BrokerError::InvalidId`] when `session` is empty or longer than
+    /// [`Config::max_id_len`], whoever `who` names.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::StreamExt;
+    /// use switchboard::{Broker, Client, Event, MemoryTransport, Notice};
+    ///
+    /// let broker = Broker::builder().max_sessions_per_connection(1).build();
+    /// let (transport, connector) = MemoryTransport::new();
+    /// tokio::spawn(broker.serve(transport));
+    ///
+    /// // Bob on two devices; the laptop is in one session already, its limit.
+    /// let mut phone = Client::builder("bob").connect_memory(&connector).await?;
+    /// let laptop = Client::builder("bob").connect_memory(&connector).await?;
+    /// laptop.subscribe("chess").await?;
+    ///
+    /// assert_eq!(broker.join("bob", "news")?, 1); // the phone; the laptop is full
+    /// assert_eq!(broker.join("bob", "news")?, 0); // the phone is a member already
+    /// assert_eq!(broker.join(laptop.connection_id(), "chess")?, 0); // so is the laptop
+    /// assert_eq!(broker.join("carol", "news")?, 0); // nobody connected as carol
+    /// assert!(broker.join("bob", "").is_err());
+    ///
+    /// let joined = Notice::Joined { session: "news".into() };
+    /// assert_eq!(phone.next().await, Some(Event::Notice(joined)));
+    /// assert_eq!(broker.session("news").map(|s| s.members.len()), Some(1));
+    /// # Ok(()) }
+    /// ```
     pub fn join(&self, who: impl Into<Who>, session: &str) -> Result<usize, BrokerError> {
         let inner = &self.inner;
         inner.check_host_id(session)?;
@@ -655,8 +882,37 @@ impl Broker {
         Ok(joined)
     }
 
-    /// Removes a user's connections (or one connection) from `session`; each gets a
-    /// `Left` notice. Returns how many connections left.
+    /// Removes every live connection of a user, or one connection, from `session`.
+    /// Each connection removed gets a [`Notice::Left`](crate::Notice::Left), and the
+    /// session is freed when its last member leaves.
+    ///
+    /// Returns how many connections it removed. A connection that was not a member is
+    /// told nothing and not counted, so an unknown session, a user with no live
+    /// connection and a connection id that is not live all give 0. `leave` never
+    /// fails: an id no session can have, empty or over the length limit, gives 0 too.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::StreamExt;
+    /// use switchboard::{Broker, Client, Event, MemoryTransport, Notice};
+    ///
+    /// let broker = Broker::builder().build();
+    /// let (transport, connector) = MemoryTransport::new();
+    /// tokio::spawn(broker.serve(transport));
+    ///
+    /// let mut alice = Client::builder("alice").connect_memory(&connector).await?;
+    /// alice.subscribe("news").await?;
+    ///
+    /// assert_eq!(broker.leave("alice", "news"), 1);
+    /// assert_eq!(broker.leave("alice", "news"), 0); // not a member any more
+    /// assert_eq!(broker.leave("alice", "sports"), 0); // no such session
+    /// assert_eq!(broker.leave("carol", "news"), 0); // nobody connected as carol
+    ///
+    /// let left = Notice::Left { session: "news".into() };
+    /// assert_eq!(alice.next().await, Some(Event::Notice(left)));
+    /// assert!(broker.session("news").is_none()); // its last member left
+    /// # Ok(()) }
+    /// ```
     pub fn leave(&self, who: impl Into<Who>, session: &str) -> usize {
         let inner = &self.inner;
         let mut left = 0;
@@ -675,8 +931,39 @@ impl Broker {
         left
     }
 
-    /// Closes a session: every member leaves it and gets a `SessionClosed` notice with
-    /// `reason`. Returns how many members it had; 0 when there was no such session.
+    /// Closes `session`: every member leaves it and gets a
+    /// [`Notice::SessionClosed`](crate::Notice::SessionClosed) carrying `reason`. The
+    /// connections stay open, and may join a new session of the same name at once.
+    ///
+    /// Returns how many members the session had. A session with no members does not
+    /// exist, so an unknown session, like an id no session can have, gives 0.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::StreamExt;
+    /// use switchboard::{Broker, Client, Event, MemoryTransport, Notice};
+    ///
+    /// let broker = Broker::builder().build();
+    /// let (transport, connector) = MemoryTransport::new();
+    /// tokio::spawn(broker.serve(transport));
+    ///
+    /// let mut alice = Client::builder("alice").connect_memory(&connector).await?;
+    /// let mut bob = Client::builder("bob").connect_memory(&connector).await?;
+    /// alice.subscribe("standup").await?;
+    /// bob.subscribe("standup").await?;
+    ///
+    /// assert_eq!(broker.close_session("standup", "meeting over"), 2);
+    /// for member in [&mut alice, &mut bob] {
+    ///     let closed = Notice::SessionClosed {
+    ///         session: "standup".into(),
+    ///         reason: "meeting over".into(),
+    ///     };
+    ///     assert_eq!(member.next().await, Some(Event::Notice(closed)));
+    /// }
+    /// assert!(broker.session("standup").is_none());
+    /// assert_eq!(broker.close_session("standup", "again"), 0);
+    /// # Ok(()) }
+    /// ```
     pub fn close_session(&self, session: &str, reason: &str) -> usize {
         let inner = &self.inner;
         let Some((id, members)) = inner.sessions.close(session) else {
@@ -689,8 +976,43 @@ impl Broker {
         members.len()
     }
 
-    /// Closes a user's connections (or one connection) with `reason`, after what is
-    /// already queued for them. Returns how many connections it closed.
+    /// Closes every live connection of a user, or one connection, with `reason`.
+    ///
+    /// Each connection is first written what is already queued for it, then a close
+    /// frame with [`ErrorCode::ClosedByHost`] and `reason`; a
+    /// [`Client`](crate::Client) sees it as [`Event::Closed`](crate::Event::Closed).
+    /// The call does not wait for that: each connection ends on its own task, leaves
+    /// its sessions, and `on_disconnect` runs for it with the same code and reason.
+    ///
+    /// Returns how many live connections it found, 0 for a user with none or a
+    /// connection id that is not live. A connection already closing still counts
+    /// until it is gone, and keeps the reason it was closing for: calling
+    /// `disconnect` twice in a row returns the same number twice, and the connections
+    /// see the first reason.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::StreamExt;
+    /// use switchboard::{Broker, Client, ErrorCode, Event, MemoryTransport};
+    ///
+    /// let broker = Broker::builder().build();
+    /// let (transport, connector) = MemoryTransport::new();
+    /// tokio::spawn(broker.serve(transport));
+    ///
+    /// let mut phone = Client::builder("mallory").connect_memory(&connector).await?;
+    /// let mut laptop = Client::builder("mallory").connect_memory(&connector).await?;
+    ///
+    /// assert_eq!(broker.disconnect("mallory", "account suspended"), 2);
+    /// for device in [&mut phone, &mut laptop] {
+    ///     let closed = Event::Closed {
+    ///         code: ErrorCode::ClosedByHost,
+    ///         reason: "account suspended".into(),
+    ///     };
+    ///     assert_eq!(device.next().await, Some(closed));
+    /// }
+    /// assert_eq!(broker.disconnect("carol", "nobody here"), 0);
+    /// # Ok(()) }
+    /// ```
     pub fn disconnect(&self, who: impl Into<Who>, reason: &str) -> usize {
         let connections = self.inner.resolve(&who.into());
         for conn in &connections {
@@ -699,12 +1021,70 @@ impl Broker {
         connections.len()
     }
 
-    /// A snapshot of one session, or `None` when it has no members.
+    /// A snapshot of session `id`: its members and when its first member joined.
+    ///
+    /// `None` when the session has no members, since a session exists only while it
+    /// has some; an id no session can have gives `None` too. The snapshot is a copy and
+    /// does not follow later changes. Its members are listed in no particular order.
+    /// In a cluster it lists this node's members only.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use switchboard::{Broker, Client, MemoryTransport};
+    ///
+    /// let broker = Broker::builder().build();
+    /// let (transport, connector) = MemoryTransport::new();
+    /// tokio::spawn(broker.serve(transport));
+    ///
+    /// let phone = Client::builder("alice").connect_memory(&connector).await?;
+    /// let laptop = Client::builder("alice").connect_memory(&connector).await?;
+    /// phone.subscribe("lobby").await?;
+    /// laptop.subscribe("lobby").await?;
+    ///
+    /// let lobby = broker.session("lobby").expect("two members");
+    /// assert_eq!(&*lobby.id, "lobby");
+    /// let mut members: Vec<_> = lobby.members.iter().map(|m| m.connection).collect();
+    /// members.sort();
+    /// let mut devices = vec![phone.connection_id(), laptop.connection_id()];
+    /// devices.sort();
+    /// assert_eq!(members, devices);
+    /// assert!(lobby.members.iter().all(|m| &*m.user == "alice"));
+    ///
+    /// assert!(broker.session("empty").is_none());
+    /// # Ok(()) }
+    /// ```
     pub fn session(&self, id: &str) -> Option<Session> {
         self.inner.sessions.snapshot(id)
     }
 
     /// The broker's counters now.
+    ///
+    /// The gauges ([`Stats::connections`], [`Stats::users`], [`Stats::sessions`]) are
+    /// current: a connection counts once its handshake is done, and stops counting as
+    /// it is cleaned up. The message counters are added to after each batch a worker
+    /// forwards, so they may trail the `on_message` hook by a batch. The fields are
+    /// read one after another, not as one atomic snapshot, so under traffic they may
+    /// disagree with each other by the messages in flight.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use switchboard::{Broker, Client, MemoryTransport};
+    ///
+    /// let broker = Broker::builder().build();
+    /// let (transport, connector) = MemoryTransport::new();
+    /// tokio::spawn(broker.serve(transport));
+    ///
+    /// let phone = Client::builder("alice").connect_memory(&connector).await?;
+    /// let _laptop = Client::builder("alice").connect_memory(&connector).await?;
+    /// let _bob = Client::builder("bob").connect_memory(&connector).await?;
+    /// phone.subscribe("lobby").await?;
+    ///
+    /// let stats = broker.stats();
+    /// assert_eq!(stats.connections, 3);
+    /// assert_eq!(stats.users, 2);
+    /// assert_eq!(stats.sessions, 1);
+    /// # Ok(()) }
+    /// ```
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
         Stats {
@@ -719,6 +1099,45 @@ impl Broker {
     /// already queued, then closes every connection with the reason "broker shutting
     /// down" once its outbox is written. Resolves when every connection has ended.
     /// Calling it again, or from several tasks, waits for the same shutdown.
+    ///
+    /// In order: the futures from [`serve`](Broker::serve) finish; connections still
+    /// in their handshake are refused as shutting down, and an `on_connect` hook still
+    /// deciding is dropped; each connection stops reading, so a frame not read yet is
+    /// not acted on. Every message queued before then, from connections or from the
+    /// host, then reaches the outboxes, and each connection is closed with
+    /// [`ErrorCode::ShuttingDown`] after its outbox is written. In a cluster the node
+    /// withdraws from the other nodes before the connections close, waiting up to
+    /// 5 s for its backend. From the moment shutdown begins,
+    /// [`publish`](Broker::publish) and [`send_to`](Broker::send_to) fail with
+    /// [`BrokerError::ShuttingDown`] and [`accept`](Broker::accept) refuses every
+    /// connection. A broker that has shut down stays down.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::StreamExt;
+    /// use switchboard::{Broker, BrokerError, Client, ErrorCode, Event, MemoryTransport};
+    ///
+    /// let broker = Broker::builder().build();
+    /// let (transport, connector) = MemoryTransport::new();
+    /// let serving = tokio::spawn(broker.serve(transport));
+    ///
+    /// let mut alice = Client::builder("alice").connect_memory(&connector).await?;
+    /// alice.subscribe("news").await?;
+    /// broker.publish("news", "last edition").await?;
+    ///
+    /// broker.shutdown().await;
+    /// serving.await?;
+    ///
+    /// // What was queued is delivered before the close.
+    /// let Some(Event::Message(message)) = alice.next().await else { panic!() };
+    /// assert_eq!(&message.payload[..], b"last edition");
+    /// let Some(Event::Closed { code, .. }) = alice.next().await else { panic!() };
+    /// assert_eq!(code, ErrorCode::ShuttingDown);
+    ///
+    /// let refused = broker.publish("news", "too late").await;
+    /// assert_eq!(refused, Err(BrokerError::ShuttingDown));
+    /// # Ok(()) }
+    /// ```
     pub async fn shutdown(&self) {
         let inner = &self.inner;
         if inner.shutting_down.swap(true, Ordering::AcqRel) {

@@ -10,10 +10,11 @@
 //!
 //! let broker = Broker::builder().build();
 //! let (transport, connector) = MemoryTransport::new();
-//! tokio::spawn(broker.clone().serve(transport));
+//! tokio::spawn(broker.serve(transport));
 //!
 //! let alice = Client::builder("alice").connect_memory(&connector).await?;
 //! alice.subscribe("lobby").await?;
+//! assert_eq!(broker.session("lobby").map(|s| s.members.len()), Some(1));
 //! # Ok(()) }
 //! ```
 

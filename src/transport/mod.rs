@@ -118,6 +118,62 @@ impl<R: FrameReader, W: FrameWriter> Connection<R, W> {
 }
 
 /// A source of connections, such as a listening socket.
+///
+/// [`Broker::serve`](crate::Broker::serve) calls [`accept`](Transport::accept) in a
+/// loop and runs every connection it yields. A host implements this trait to serve
+/// connections from a source of its own. Each connection is a [`FrameReader`] and a
+/// [`FrameWriter`]: a link that carries one frame per message implements those two
+/// itself, and a byte stream gets the binary protocol's framing from
+/// [`StreamFrameReader`] and [`StreamFrameWriter`].
+///
+/// Below, the host's own server hands the connections it accepted over a Tokio
+/// channel, and the transport yields them to the broker. An in-process pipe stands in
+/// for a socket, so the example runs as it is.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::io;
+/// use switchboard::transport::{StreamFrameReader, StreamFrameWriter};
+/// use switchboard::{Broker, Client, Connection, Transport};
+/// use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+/// use tokio::sync::mpsc;
+///
+/// type Reader = StreamFrameReader<ReadHalf<DuplexStream>>;
+/// type Writer = StreamFrameWriter<WriteHalf<DuplexStream>>;
+///
+/// /// Connections the host accepted, handed over by its server.
+/// struct HandedOver(mpsc::Receiver<Connection<Reader, Writer>>);
+///
+/// impl Transport for HandedOver {
+///     type Reader = Reader;
+///     type Writer = Writer;
+///
+///     async fn accept(&mut self) -> io::Result<Option<Connection<Reader, Writer>>> {
+///         // `None` once the server dropped its sender: `serve` then finishes.
+///         Ok(self.0.recv().await)
+///     }
+/// }
+///
+/// let broker = Broker::builder().build();
+/// let (server, incoming) = mpsc::channel(16);
+/// tokio::spawn(broker.serve(HandedOver(incoming)));
+///
+/// // The server accepts a peer and hands the broker its end of the pipe.
+/// let (broker_end, client_end) = tokio::io::duplex(64 * 1024);
+/// let (read, write) = tokio::io::split(broker_end);
+/// let reader = StreamFrameReader::new(read);
+/// let connection = Connection::new(reader, StreamFrameWriter::new(write), "pipe");
+/// server.send(connection).await.map_err(|_| "the transport is gone")?;
+///
+/// // The peer speaks the binary protocol over the other end.
+/// let (read, write) = tokio::io::split(client_end);
+/// let alice = Client::builder("alice")
+///     .connect(StreamFrameReader::new(read), StreamFrameWriter::new(write))
+///     .await?;
+/// alice.subscribe("lobby").await?;
+/// assert_eq!(broker.session("lobby").map(|s| s.members.len()), Some(1));
+/// # Ok(()) }
+/// ```
 pub trait Transport: Send + 'static {
     /// The inbound half of the connections this transport yields.
     type Reader: FrameReader;
@@ -126,8 +182,10 @@ pub trait Transport: Send + 'static {
 
     /// Waits for the next connection.
     ///
-    /// An error is logged by [`crate::Broker::serve`], which then goes on accepting;
-    /// a transport that can yield no more connections returns `Ok(None)`.
+    /// An error is logged by [`crate::Broker::serve`] and passed to the `on_error`
+    /// hook; `serve` then goes on accepting after a pause of 50 ms. A transport that
+    /// can yield no more connections returns `Ok(None)`, and `serve` finishes. When
+    /// shutdown begins, `serve` drops a pending call together with the transport.
     fn accept(
         &mut self,
     ) -> impl Future<Output = io::Result<Option<Connection<Self::Reader, Self::Writer>>>> + Send;
