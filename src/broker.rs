@@ -984,11 +984,11 @@ impl Broker {
     /// The call does not wait for that: each connection ends on its own task, leaves
     /// its sessions, and `on_disconnect` runs for it with the same code and reason.
     ///
-    /// Returns how many live connections it found, 0 for a user with none or a
-    /// connection id that is not live. A connection already closing still counts
-    /// until it is gone, and keeps the reason it was closing for: calling
-    /// `disconnect` twice in a row returns the same number twice, and the connections
-    /// see the first reason.
+    /// Returns how many connections it began to close: 0 for a user with none, a
+    /// connection id that is not live, or connections already closing. A connection
+    /// already closing keeps the reason it was closing for, so calling `disconnect`
+    /// twice in a row returns 0 the second time and the connections see the first
+    /// reason.
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -1003,6 +1003,8 @@ impl Broker {
     /// let mut laptop = Client::builder("mallory").connect_memory(&connector).await?;
     ///
     /// assert_eq!(broker.disconnect("mallory", "account suspended"), 2);
+    /// // Already closing: not counted again, and the first reason stands.
+    /// assert_eq!(broker.disconnect("mallory", "another reason"), 0);
     /// for device in [&mut phone, &mut laptop] {
     ///     let closed = Event::Closed {
     ///         code: ErrorCode::ClosedByHost,
@@ -1015,10 +1017,10 @@ impl Broker {
     /// ```
     pub fn disconnect(&self, who: impl Into<Who>, reason: &str) -> usize {
         let connections = self.inner.resolve(&who.into());
-        for conn in &connections {
-            conn.end(ErrorCode::ClosedByHost, reason);
-        }
-        connections.len()
+        connections
+            .iter()
+            .filter(|conn| conn.end(ErrorCode::ClosedByHost, reason))
+            .count()
     }
 
     /// A snapshot of session `id`: its members and when its first member joined.

@@ -112,9 +112,11 @@ impl ConnectionState {
     }
 
     /// Ends the connection: what is queued is still written, then a `CLOSE` frame.
-    pub(crate) fn end(&self, code: ErrorCode, reason: impl Into<String>) {
-        self.outbox.close(code, reason);
+    /// Returns false when it was closing already, for an earlier reason that stands.
+    pub(crate) fn end(&self, code: ErrorCode, reason: impl Into<String>) -> bool {
+        let first = self.outbox.close(code, reason);
         self.closed.cancel();
+        first
     }
 }
 
@@ -710,12 +712,12 @@ async fn write_batch<W: FrameWriter>(
         }
         Ok(Err(e)) => {
             debug!(connection = %state.id, cause = %e, "write failed");
-            state.end(ErrorCode::Normal, format!("transport error: {e}"));
+            let _ = state.end(ErrorCode::Normal, format!("transport error: {e}"));
             false
         }
         Err(_) => {
             warn!(connection = %state.id, timeout = ?limit, "write timed out; closing");
-            state.end(ErrorCode::SlowConsumer, "write timed out");
+            let _ = state.end(ErrorCode::SlowConsumer, "write timed out");
             false
         }
     }
