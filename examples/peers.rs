@@ -26,12 +26,8 @@
 //! Without `--rate`, publishers run flat out but never more than `--window` messages
 //! ahead of the slowest subscriber (by default 128 KiB of payloads, between 8 and 1024
 //! messages), so that no system is measured while its buffers grow. The default stays
-//! well under switchboard's 1 MiB outbox: the broker counts a batch it is writing
-//! until its last byte is out, so a subscriber can be charged for about twice the
-//! window, and 32 messages of 16 KiB were enough to get subscribers closed as slow
-//! consumers. With `--rate R`,
-//! each publisher sends R messages per second, evenly spaced, from a thread of its own,
-//! and no window applies.
+//! well under switchboard's 1 MiB outbox. With `--rate R`, each publisher sends R
+//! messages per second, evenly spaced, from a thread of its own, and no window applies.
 //!
 //! Each system gets `--warmup` seconds (default 1), then `--secs` measured seconds.
 //! The rate is the deliveries counted by subscribers during the measured seconds;

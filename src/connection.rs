@@ -646,6 +646,9 @@ fn reject(
     reason(code, detail)
 }
 
+/// Bytes handed to the transport in one write, at most (or one frame, when larger).
+const WRITE_CHUNK: usize = 64 * 1024;
+
 /// Writes the outbox to the peer, a batch at a time, until the outbox closes.
 async fn write_loop<W: FrameWriter>(mut writer: W, state: Arc<ConnectionState>, inner: Arc<Inner>) {
     let heartbeat = inner.config.heartbeat_interval;
@@ -654,6 +657,7 @@ async fn write_loop<W: FrameWriter>(mut writer: W, state: Arc<ConnectionState>, 
     ticks.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
     let mut wrote = false;
     let mut batch = Vec::new();
+    let mut chunk = Vec::new();
 
     loop {
         match state.outbox.take(&mut batch) {
@@ -685,10 +689,25 @@ async fn write_loop<W: FrameWriter>(mut writer: W, state: Arc<ConnectionState>, 
             }
         }
 
-        if !write_batch(&mut writer, &mut batch, &state, &inner).await {
-            return;
+        // Written a chunk at a time, each released from the outbox's count once it is
+        // out: a member is charged for what it has not received, not for the part of a
+        // large batch that already reached it.
+        let mut next = 0;
+        while next < batch.len() {
+            let mut bytes = 0;
+            while next < batch.len()
+                && (chunk.is_empty() || bytes + batch[next].len() <= WRITE_CHUNK)
+            {
+                bytes += batch[next].len();
+                chunk.push(std::mem::take(&mut batch[next]));
+                next += 1;
+            }
+            if !write_batch(&mut writer, &mut chunk, &state, &inner).await {
+                return;
+            }
+            state.outbox.written(bytes);
         }
-        state.outbox.written();
+        batch.clear();
         wrote = true;
     }
 }

@@ -219,9 +219,10 @@ impl Outbox {
         Batch::Frames
     }
 
-    /// The writer finished writing everything it took.
-    pub(crate) fn written(&self) {
-        self.state.lock().in_flight = 0;
+    /// The writer finished writing `bytes` of what it took.
+    pub(crate) fn written(&self, bytes: usize) {
+        let mut state = self.state.lock();
+        state.in_flight = state.in_flight.saturating_sub(bytes);
     }
 
     /// Resolves once frames are queued or the outbox starts closing, after
@@ -315,6 +316,35 @@ mod tests {
     }
 
     #[test]
+    fn what_is_written_of_a_batch_stops_counting_before_the_rest_is_out() {
+        let outbox = Outbox::new(1000, SlowConsumerPolicy::DropNewest, WireFormat::Binary);
+        assert_eq!(outbox.offer(frame(300)), Offer::Queued);
+        assert_eq!(outbox.offer(frame(300)), Offer::Queued);
+        let mut batch = Vec::new();
+        assert!(matches!(outbox.take(&mut batch), Batch::Frames));
+        assert_eq!(outbox.offer(frame(500)), Offer::Dropped, "600 taken + 500");
+
+        // The first frame of the batch is out; the second is still being written.
+        outbox.written(300);
+        assert_eq!(
+            outbox.offer(frame(500)),
+            Offer::Queued,
+            "300 + 500 (and a notice)"
+        );
+        outbox.written(300);
+        assert_eq!(
+            outbox.offer(frame(400)),
+            Offer::Queued,
+            "only the 500 is held"
+        );
+        assert_eq!(
+            outbox.offer(frame(100)),
+            Offer::Dropped,
+            "the cap still holds"
+        );
+    }
+
+    #[test]
     fn drop_newest_counts_and_notifies_before_the_next_message() {
         let outbox = Outbox::new(100, SlowConsumerPolicy::DropNewest, WireFormat::Binary);
         assert_eq!(outbox.offer(frame(100)), Offer::Queued);
@@ -328,7 +358,7 @@ mod tests {
             Offer::Dropped,
             "taken but unwritten still counts"
         );
-        outbox.written();
+        outbox.written(100);
         batch.clear();
         assert_eq!(outbox.offer(frame(10)), Offer::Queued);
         outbox.take(&mut batch);
