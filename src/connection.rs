@@ -56,8 +56,13 @@ pub(crate) struct Memberships {
 impl ConnectionState {
     /// Offers a message frame to this member; counts and reports what was lost.
     /// Returns true when it was queued.
-    pub(crate) fn deliver(&self, frame: Bytes, inner: &Inner) -> bool {
-        match self.outbox.offer(frame) {
+    /// Offers a message frame to this member; counts and reports what was lost.
+    /// Returns whether it was queued, and whether the member's writer is due a wake-up
+    /// ([`Outbox::wake`]), which is left to the caller so that it can offer a whole
+    /// batch first.
+    pub(crate) fn deliver(&self, frame: Bytes, inner: &Inner) -> (bool, bool) {
+        let (offer, wake) = self.outbox.offer_unwoken(frame);
+        let delivered = match offer {
             Offer::Queued => true,
             Offer::QueuedDropping(n) => {
                 self.lagged(inner, n, false);
@@ -76,7 +81,8 @@ impl ConnectionState {
                 Counters::add(&inner.counters.dropped, 1);
                 false
             }
-        }
+        };
+        (delivered, wake)
     }
 
     fn lagged(&self, inner: &Inner, dropped: u64, disconnected: bool) {

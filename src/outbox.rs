@@ -108,21 +108,44 @@ impl Outbox {
         }
     }
 
-    /// Offers a message frame. Never waits.
+    /// Offers a message frame and wakes the writer. Never waits.
+    #[cfg(test)]
     pub(crate) fn offer(&self, frame: Bytes) -> Offer {
+        let (offer, wake) = self.push(frame, true);
+        if wake {
+            self.ready.notify_one();
+        }
+        offer
+    }
+
+    /// Offers a message frame, never waiting, and leaves waking the writer to the
+    /// caller: true means the writer may be waiting and [`Outbox::wake`] is due. A
+    /// worker offers a run of messages first and wakes each writer once, so that the
+    /// writer finds the run, not its first frame.
+    pub(crate) fn offer_unwoken(&self, frame: Bytes) -> (Offer, bool) {
         self.push(frame, true)
+    }
+
+    /// Wakes the writer after [`Outbox::offer_unwoken`].
+    pub(crate) fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// Queues a control frame (a reply, a notice). It counts against the capacity like
     /// any frame, so a peer that sends requests but never reads is still bounded.
     pub(crate) fn control(&self, frame: &Frame) -> Offer {
-        self.push(self.format.encode(frame), false)
+        let (offer, wake) = self.push(self.format.encode(frame), false);
+        if wake {
+            self.ready.notify_one();
+        }
+        offer
     }
 
-    fn push(&self, frame: Bytes, is_message: bool) -> Offer {
+    /// Queues a frame; also says whether the writer needs waking for it.
+    fn push(&self, frame: Bytes, is_message: bool) -> (Offer, bool) {
         let mut state = self.state.lock();
         if state.closing.is_some() {
-            return Offer::Closed;
+            return (Offer::Closed, false);
         }
         let was_empty = state.frames.is_empty();
 
@@ -141,10 +164,10 @@ impl Outbox {
                     let freed = state.overflow();
                     drop(state);
                     self.ready.notify_one();
-                    return Offer::Overflowed(freed);
+                    return (Offer::Overflowed(freed), false);
                 }
                 state.missed += 1;
-                return Offer::Dropped;
+                return (Offer::Dropped, false);
             }
         }
 
@@ -170,14 +193,12 @@ impl Outbox {
         state.frames.push_back((frame, entry));
         drop(state);
 
-        if was_empty {
-            self.ready.notify_one();
-        }
-        if discarded > 0 {
+        let offer = if discarded > 0 {
             Offer::QueuedDropping(discarded)
         } else {
             Offer::Queued
-        }
+        };
+        (offer, was_empty)
     }
 
     /// Starts closing: the writer sends what is queued, then `reason`, then ends.

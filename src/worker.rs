@@ -21,6 +21,12 @@ use tokio::sync::{mpsc, oneshot};
 /// The most jobs a worker takes off its queue at once.
 const BATCH: usize = 128;
 
+/// Payload bytes a worker offers before it wakes the writers, at most. Waking once per
+/// batch lets a writer find many frames at once; the bound keeps what waits unseen far
+/// below an outbox's cap, so that no member is taken for a slow consumer because its
+/// writer was not yet woken.
+const WAKE_AFTER: usize = 64 * 1024;
+
 /// One entry on an ingress queue.
 pub(crate) enum Job {
     /// A message to every member of a session but the sender.
@@ -50,6 +56,18 @@ pub(crate) enum Job {
     Drain(oneshot::Sender<()>),
 }
 
+impl Job {
+    /// The bytes of payload the job carries.
+    fn payload_len(&self) -> usize {
+        match self {
+            Job::Publish { payload, .. }
+            | Job::Direct { payload, .. }
+            | Job::Remote { payload, .. } => payload.len(),
+            Job::Drain(_) => 0,
+        }
+    }
+}
+
 /// Runs one worker until its queue closes. Message ids are `index + 1` plus multiples
 /// of `workers`, so workers never hand out the same id and never share a counter.
 pub(crate) async fn run(
@@ -61,6 +79,9 @@ pub(crate) async fn run(
     let mut next_id = index as u64 + 1;
     let step = workers as u64;
     let mut jobs = Vec::with_capacity(BATCH);
+    // The members whose writers wait for a wake-up once this batch is offered.
+    let mut wake = Vec::new();
+    let mut unwoken = 0;
 
     while queue.recv_many(&mut jobs, BATCH).await > 0 {
         let Some(inner) = inner.upgrade() else {
@@ -68,15 +89,21 @@ pub(crate) async fn run(
         };
         let mut received = 0;
         let mut delivered = 0;
+        let wake_after = WAKE_AFTER.min(inner.config.outbox_bytes / 4);
         for job in jobs.drain(..) {
             let id = next_id;
+            if unwoken >= wake_after {
+                wake_all(&mut wake);
+                unwoken = 0;
+            }
+            unwoken += job.payload_len();
             match job {
                 Job::Publish {
                     from,
                     session,
                     payload,
                 } => {
-                    delivered += publish(&inner, id, from.as_ref(), &session, payload);
+                    delivered += publish(&inner, id, from.as_ref(), &session, payload, &mut wake);
                 }
                 Job::Direct {
                     from,
@@ -84,7 +111,15 @@ pub(crate) async fn run(
                     payload,
                     request,
                 } => {
-                    delivered += direct(&inner, id, from.as_ref(), &user, payload, request);
+                    delivered += direct(
+                        &inner,
+                        id,
+                        from.as_ref(),
+                        &user,
+                        payload,
+                        request,
+                        &mut wake,
+                    );
                 }
                 Job::Remote {
                     kind,
@@ -93,11 +128,13 @@ pub(crate) async fn run(
                     sent_at,
                     payload,
                 } => {
-                    delivered += remote(&inner, id, kind, &sender, &target, sent_at, &payload);
+                    let message = (kind, &*sender, &*target, sent_at, &payload);
+                    delivered += remote(&inner, id, message, &mut wake);
                     next_id += step;
                     continue;
                 }
                 Job::Drain(done) => {
+                    wake_all(&mut wake);
                     let _ = done.send(());
                     continue;
                 }
@@ -105,6 +142,8 @@ pub(crate) async fn run(
             received += 1;
             next_id += step;
         }
+        wake_all(&mut wake);
+        unwoken = 0;
         Counters::add(&inner.counters.received, received);
         Counters::add(&inner.counters.delivered, delivered);
     }
@@ -178,12 +217,21 @@ impl<'a> Encoded<'a> {
     }
 }
 
+/// Wakes the writers of members that were offered frames.
+fn wake_all(wake: &mut Vec<Arc<ConnectionState>>) {
+    for member in wake.drain(..) {
+        member.outbox.wake();
+    }
+}
+
 /// Offers `frame` to each of `members` but the sender; returns how many took it.
+/// Members whose writers need waking are added to `wake`.
 fn fan_out(
     inner: &Inner,
     members: &[Arc<ConnectionState>],
     from: Option<&Arc<ConnectionState>>,
     encoded: &mut Encoded<'_>,
+    wake: &mut Vec<Arc<ConnectionState>>,
 ) -> u64 {
     let sender = from.map(|f| f.id);
     let mut delivered = 0;
@@ -191,7 +239,11 @@ fn fan_out(
         if Some(member.id) == sender {
             continue;
         }
-        if member.deliver(encoded.frame(member.format), inner) {
+        let (queued, due) = member.deliver(encoded.frame(member.format), inner);
+        if due {
+            wake.push(member.clone());
+        }
+        if queued {
             delivered += 1;
         }
     }
@@ -204,6 +256,7 @@ fn publish(
     from: Option<&Arc<ConnectionState>>,
     session: &Text,
     payload: Bytes,
+    wake: &mut Vec<Arc<ConnectionState>>,
 ) -> u64 {
     let sent_at = SystemTime::now();
     let sender = from.map_or_else(|| inner.host_sender.clone(), |f| f.user.clone());
@@ -219,7 +272,7 @@ fn publish(
                 session_id,
                 &payload,
             );
-            fan_out(inner, members, from, &mut encoded)
+            fan_out(inner, members, from, &mut encoded, wake)
         }
         None => 0,
     };
@@ -263,6 +316,7 @@ fn direct(
     user: &Text,
     payload: Bytes,
     request: u32,
+    wake: &mut Vec<Arc<ConnectionState>>,
 ) -> u64 {
     let sent_at = SystemTime::now();
     let sender = from.map_or_else(|| inner.host_sender.clone(), |f| f.user.clone());
@@ -276,7 +330,7 @@ fn direct(
         user.as_str(),
         &payload,
     );
-    let delivered = fan_out(inner, &connections, from, &mut encoded);
+    let delivered = fan_out(inner, &connections, from, &mut encoded, wake);
 
     // In a cluster the other nodes may hold the user: the backend tells the sender
     // when none of them received it either.
@@ -319,11 +373,8 @@ fn direct(
 fn remote(
     inner: &Inner,
     id: u64,
-    kind: MessageKind,
-    sender: &str,
-    target: &str,
-    sent_at: SystemTime,
-    payload: &Bytes,
+    (kind, sender, target, sent_at, payload): (MessageKind, &str, &str, SystemTime, &Bytes),
+    wake: &mut Vec<Arc<ConnectionState>>,
 ) -> u64 {
     let recipients = match kind {
         MessageKind::Session => match inner.sessions.members(target) {
@@ -333,5 +384,5 @@ fn remote(
         MessageKind::Direct => Arc::new(inner.registry.of_user(target)),
     };
     let mut encoded = Encoded::new(id, kind, sent_at, sender, target, payload);
-    fan_out(inner, &recipients, None, &mut encoded)
+    fan_out(inner, &recipients, None, &mut encoded, wake)
 }
