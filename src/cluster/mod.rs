@@ -294,11 +294,10 @@ impl Cluster {
             reply,
         };
         if let Err(e) = self.outbound.try_send(outbound) {
-            let (mutex, detail) = match e {
+            let (mut outbound, detail) = match e {
                 mpsc::error::TrySendError::Full(o) => (o, "the queue to other nodes is full"),
                 mpsc::error::TrySendError::Closed(o) => (o, "the cluster backend has stopped"),
             };
-            let mut outbound = mutex;
             lost(inner, ClusterErrorKind::QueueFull, 1, detail);
             if let Some(reply) = outbound.reply.take() {
                 if let Some(sender) = reply.sender.upgrade() {
