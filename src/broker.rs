@@ -261,8 +261,9 @@ impl Builder {
         self
     }
 
-    /// Called when messages could not reach other nodes of a cluster, and when the
-    /// cluster backend loses its engine. See [`crate::cluster`].
+    /// Called when messages could not reach other nodes of a cluster, and once per
+    /// outage when the cluster backend loses its engine or cannot reach it from the
+    /// start. See [`crate::cluster`].
     pub fn on_cluster_error(
         mut self,
         hook: impl Fn(&ClusterErrorInfo) + Send + Sync + 'static,

@@ -1,9 +1,12 @@
 //! Several brokers as one, through a real Redis server: three nodes in one process
-//! with TCP clients on each, a Redis restart, and a node killed mid-traffic.
+//! with TCP clients on each, a Redis restart, a node killed mid-traffic, and the faults
+//! a node must ride out: Redis down at startup, a failed registration right after
+//! connecting, joins and shutdown during the wait after a reconnection, and entries in
+//! Redis that no node wrote.
 //!
 //! The shared server is the one at `REDIS_URL` (default `redis://127.0.0.1:6379`); a
-//! test fails, rather than skips, when it does not answer. The restart test runs its
-//! own `redis-server` on a free port. Each test uses its own key prefix, so tests may
+//! test fails, rather than skips, when it does not answer. The tests that stop Redis
+//! run their own `redis-server` on a free port. Each test uses its own key prefix, so tests may
 //! run at once on one server.
 
 #[macro_use]
@@ -38,6 +41,8 @@ struct Seen {
     cluster_errors: AtomicUsize,
     /// Messages the `on_cluster_error` hook was told did not cross.
     cluster_lost: AtomicU64,
+    /// Outages the `on_cluster_error` hook was told of.
+    disconnections: AtomicUsize,
 }
 
 /// One broker of a cluster, serving TCP (and memory) like any test broker.
@@ -61,7 +66,9 @@ impl Node {
             })
             .on_cluster_error(move |e| {
                 on_error.cluster_errors.fetch_add(1, Ordering::SeqCst);
-                if e.kind != ClusterErrorKind::Disconnected {
+                if e.kind == ClusterErrorKind::Disconnected {
+                    on_error.disconnections.fetch_add(1, Ordering::SeqCst);
+                } else {
                     on_error
                         .cluster_lost
                         .fetch_add(e.messages, Ordering::SeqCst);
@@ -88,15 +95,37 @@ impl Node {
         })
         .await;
     }
+
+    async fn wait_disconnected(&self) {
+        let broker = self.broker().clone();
+        wait_until("the node noticed redis is gone", move || {
+            !broker.stats().cluster_connected
+        })
+        .await;
+    }
+
+    async fn wait_reconnected(&self) {
+        let broker = self.broker().clone();
+        wait_until("the node reconnected", move || {
+            let stats = broker.stats();
+            stats.cluster_connected && stats.cluster_reconnects >= 1
+        })
+        .await;
+    }
+}
+
+/// A connection of the test's own to the Redis at `url`.
+async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(url).expect("a redis url");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("redis at {url} does not answer: {e}"))
 }
 
 /// Nodes whose entry under `key` is live now.
 async fn live_nodes(url: &str, key: &str) -> usize {
-    let client = redis::Client::open(url).expect("a redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap_or_else(|e| panic!("redis at {url} does not answer: {e}"));
+    let mut conn = redis_conn(url).await;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -250,13 +279,18 @@ struct RedisServer {
 
 impl RedisServer {
     fn start() -> RedisServer {
+        let mut server = RedisServer::reserve();
+        server.restart();
+        server
+    }
+
+    /// A server not started yet, on a port nothing listens on.
+    fn reserve() -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut server = RedisServer { port, child: None };
-        server.restart();
-        server
+        RedisServer { port, child: None }
     }
 
     fn url(&self) -> String {
@@ -324,11 +358,7 @@ async fn redis_restart_loses_nothing_silently() {
     // Redis goes away. Both nodes notice; local delivery goes on.
     server.kill();
     for node in [&a, &b] {
-        let broker = node.broker().clone();
-        wait_until("the node noticed redis is gone", move || {
-            !broker.stats().cluster_connected
-        })
-        .await;
+        node.wait_disconnected().await;
     }
     a2.publish("room", "local").await.expect("publish");
     let message = next_message(&mut a1).await;
@@ -357,13 +387,7 @@ async fn redis_restart_loses_nothing_silently() {
     // crosses again, in order, with nothing from the outage.
     server.restart();
     for node in [&a, &b] {
-        let broker = node.broker().clone();
-        within("the node reconnected", async move {
-            while !(broker.stats().cluster_connected && broker.stats().cluster_reconnects >= 1) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
+        node.wait_reconnected().await;
     }
     wait_nodes(&url, &format!("{prefix}:session:room"), 2).await;
     const UP: u64 = 50;
@@ -458,6 +482,239 @@ async fn a_killed_node_expires_and_the_others_go_on() {
         b_stats.cluster_failed,
         b.seen.cluster_lost.load(Ordering::SeqCst)
     );
+    a.broker().shutdown().await;
+    b.broker().shutdown().await;
+}
+
+/// How many subscribers each node channel of `prefix` has.
+async fn channel_subscribers(url: &str, prefix: &str) -> Vec<usize> {
+    let mut conn = redis_conn(url).await;
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg(format!("{prefix}:node:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("PUBSUB CHANNELS");
+    if channels.is_empty() {
+        return Vec::new();
+    }
+    let counts: Vec<(String, usize)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channels)
+        .query_async(&mut conn)
+        .await
+        .expect("PUBSUB NUMSUB");
+    counts.into_iter().map(|(_, n)| n).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_registration_leaves_one_subscription() {
+    let url = redis_url();
+    let prefix = prefix("register");
+    let ttl = Duration::from_secs(3);
+    let a = Node::start(&url, &prefix, ttl).await;
+    let b = Node::start(&url, &prefix, ttl).await;
+    a.wait_connected().await;
+    b.wait_connected().await;
+
+    let mut a1 = a.client("a1").await;
+    let b1 = b.client("b1").await;
+    for client in [&a1, &b1] {
+        client.subscribe("room").await.expect("subscribe");
+    }
+    let room = format!("{prefix}:session:room");
+    wait_nodes(&url, &room, 2).await;
+
+    // A key of the wrong type makes every registration of A fail with an error reply,
+    // while its pub/sub connection stays fine: A drops its link, and each attempt to
+    // connect again subscribes, then fails to register.
+    let junk = format!("{prefix}:session:junk");
+    let mut conn = redis_conn(&url).await;
+    redis::cmd("SET")
+        .arg(&junk)
+        .arg("not a sorted set")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("SET");
+    a1.subscribe("junk").await.expect("subscribe");
+    a.wait_disconnected().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // Once registering works again, A's channel has one subscriber, and A's member
+    // gets each message once.
+    redis::cmd("DEL")
+        .arg(&junk)
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("DEL");
+    a.wait_reconnected().await;
+    wait_nodes(&url, &room, 2).await;
+    const N: u64 = 20;
+    for i in 0..N {
+        b1.publish("room", i.to_string()).await.expect("publish");
+    }
+    expect_sequence(&mut a1, "b1", 0, N).await;
+    expect_quiet(&mut a1).await;
+    assert_eq!(a.broker().stats().cluster_received, N);
+    assert_eq!(
+        channel_subscribers(&url, &prefix).await,
+        [1, 1],
+        "subscribers of each node's channel"
+    );
+
+    a.broker().shutdown().await;
+    b.broker().shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_startup_is_reported_once_per_outage() {
+    let mut server = RedisServer::reserve();
+    let url = server.url();
+    let prefix = prefix("startup");
+    let a = Node::start(&url, &prefix, Duration::from_secs(2)).await;
+
+    // Nothing listens yet: the host hears of it once, however many attempts fail.
+    let seen = a.seen.clone();
+    wait_until("the outage at startup reported", move || {
+        seen.disconnections.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(a.seen.disconnections.load(Ordering::SeqCst), 1);
+    assert!(!a.broker().stats().cluster_connected);
+
+    // Redis comes up: the node connects, which is not a reconnection.
+    server.restart();
+    a.wait_connected().await;
+    assert_eq!(a.broker().stats().cluster_reconnects, 0);
+
+    // A second outage is reported once more.
+    server.kill();
+    a.wait_disconnected().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(a.seen.disconnections.load(Ordering::SeqCst), 2);
+    a.broker().shutdown().await;
+}
+
+/// The nodes' wait after a reconnection, [`switchboard::cluster::redis::SETTLE`], is
+/// 1.5 s; these bounds are well under it and well over what the work takes.
+const UNDER_SETTLE: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_prompt_after_a_reconnection() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let a = Node::start(&url, &prefix("settle-stop"), Duration::from_secs(2)).await;
+    a.wait_connected().await;
+
+    server.kill();
+    a.wait_disconnected().await;
+    server.restart();
+    a.wait_reconnected().await;
+
+    let started = std::time::Instant::now();
+    a.broker().shutdown().await;
+    assert!(
+        started.elapsed() < UNDER_SETTLE,
+        "shutdown took {:?}, waiting out the wait after the reconnection",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_right_after_a_reconnection_is_registered() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let prefix = prefix("settle-join");
+    // Refreshes far apart, so that only the join itself registers the session soon.
+    let ttl = Duration::from_secs(9);
+    let a = Node::start(&url, &prefix, ttl).await;
+    let b = Node::start(&url, &prefix, ttl).await;
+    a.wait_connected().await;
+    b.wait_connected().await;
+    let mut a1 = a.client("a1").await;
+
+    server.kill();
+    a.wait_disconnected().await;
+    b.wait_disconnected().await;
+    server.restart();
+    a.wait_reconnected().await;
+
+    // A joins while it waits; the registration reaches Redis at once, not after.
+    a1.subscribe("late").await.expect("subscribe");
+    let late = format!("{prefix}:session:late");
+    let joined = std::time::Instant::now();
+    wait_nodes(&url, &late, 1).await;
+    assert!(
+        joined.elapsed() < UNDER_SETTLE,
+        "the join took {:?} to be registered",
+        joined.elapsed()
+    );
+
+    // And messages from B reach it.
+    b.wait_reconnected().await;
+    b.broker()
+        .publish("late", "after the restart")
+        .await
+        .expect("publish");
+    assert_eq!(
+        &next_message(&mut a1).await.payload[..],
+        b"after the restart"
+    );
+    expect_quiet(&mut a1).await;
+    a.broker().shutdown().await;
+    b.broker().shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_that_are_not_node_ids_are_skipped() {
+    let url = redis_url();
+    let prefix = prefix("junk");
+    let ttl = Duration::from_secs(5);
+    let a = Node::start(&url, &prefix, ttl).await;
+    let b = Node::start(&url, &prefix, ttl).await;
+    a.wait_connected().await;
+    b.wait_connected().await;
+
+    let mut a1 = a.client("a1").await;
+    let b1 = b.client("b1").await;
+    for client in [&a1, &b1] {
+        client.subscribe("room").await.expect("subscribe");
+    }
+    let room = format!("{prefix}:session:room");
+    wait_nodes(&url, &room, 2).await;
+
+    // Another program with the same prefix writes members no node would.
+    let mut conn = redis_conn(&url).await;
+    let far = 4_000_000_000_000u64;
+    for junk in ["not-a-node", "-3", "0", "007", "18446744073709551616", ""] {
+        redis::cmd("ZADD")
+            .arg(&room)
+            .arg(far)
+            .arg(junk)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("ZADD");
+    }
+    redis::cmd("ZADD")
+        .arg(&room)
+        .arg(far)
+        .arg(&[0xffu8, 0xfe][..])
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("ZADD");
+
+    // B goes on routing to A, and nothing counts as failed.
+    const N: u64 = 50;
+    for i in 0..N {
+        b1.publish("room", i.to_string()).await.expect("publish");
+    }
+    expect_sequence(&mut a1, "b1", 0, N).await;
+    let stats = b.broker().stats();
+    assert_eq!(stats.cluster_failed, 0);
+    assert_eq!(stats.cluster_reconnects, 0);
+    assert!(stats.cluster_connected);
+    assert_eq!(b.seen.cluster_errors.load(Ordering::SeqCst), 0);
     a.broker().shutdown().await;
     b.broker().shutdown().await;
 }

@@ -47,6 +47,7 @@ use crate::worker::Job;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use std::fmt;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
@@ -161,7 +162,9 @@ pub enum ClusterErrorKind {
     /// A node registered as holding the target did not receive the message (it
     /// crashed, or it is reconnecting).
     NodeMissing,
-    /// The backend lost its engine; it reconnects on its own. `messages` is 0.
+    /// The backend lost its engine, or could not reach it since the broker was built;
+    /// it retries on its own. Reported once per outage, however many attempts fail.
+    /// `messages` is 0.
     Disconnected,
     /// An envelope from another node could not be decoded.
     BadEnvelope,
@@ -238,6 +241,7 @@ pub(crate) fn prepare(
         outbound: channels.outbound.1,
         interest: channels.interest.1,
         stop: stop.clone(),
+        outage_reported: AtomicBool::new(false),
     };
     let cluster = Cluster {
         node,
@@ -294,11 +298,10 @@ impl Cluster {
             reply,
         };
         if let Err(e) = self.outbound.try_send(outbound) {
-            let (mutex, detail) = match e {
+            let (mut outbound, detail) = match e {
                 mpsc::error::TrySendError::Full(o) => (o, "the queue to other nodes is full"),
                 mpsc::error::TrySendError::Closed(o) => (o, "the cluster backend has stopped"),
             };
-            let mut outbound = mutex;
             lost(inner, ClusterErrorKind::QueueFull, 1, detail);
             if let Some(reply) = outbound.reply.take() {
                 if let Some(sender) = reply.sender.upgrade() {
@@ -347,6 +350,8 @@ pub struct ClusterNode {
     outbound: mpsc::Receiver<Outbound>,
     interest: mpsc::UnboundedReceiver<Interest>,
     stop: CancellationToken,
+    /// Whether the current outage, if any, was reported already.
+    outage_reported: AtomicBool,
 }
 
 impl fmt::Debug for ClusterNode {
@@ -386,6 +391,25 @@ impl ClusterNode {
                 let n = drain(&mut self.outbound, batch, limit);
                 if n > 0 { Next::Outbound(n) } else { Next::Closed }
             }
+        }
+    }
+
+    /// Waits for the next change of interest only, leaving outbound messages queued:
+    /// for a backend that keeps its registrations current while it may not carry
+    /// messages yet. Returns `None` once the broker is shutting down and every change
+    /// was taken; [`ClusterNode::next`] then gives the outbound messages left.
+    /// Cancel-safe.
+    pub async fn next_interest(&mut self) -> Option<Interest> {
+        if let Ok(interest) = self.interest.try_recv() {
+            return Some(interest);
+        }
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            Some(interest) = self.interest.recv() => Some(interest),
+            _ = self.stop.cancelled() => None,
         }
     }
 
@@ -441,19 +465,25 @@ impl ClusterNode {
         }
     }
 
-    /// Records whether the backend is connected to its engine. Losing it is reported
-    /// to `on_cluster_error` ([`ClusterErrorKind::Disconnected`]); regaining it counts
-    /// a reconnection.
+    /// Records whether the backend is connected to its engine; call it after every
+    /// attempt to connect and when the engine is lost. The first `false` of an outage
+    /// is reported to `on_cluster_error` ([`ClusterErrorKind::Disconnected`]), also
+    /// when the backend never connected; later ones until the next `true` are not.
+    /// Regaining the engine counts a reconnection.
     pub fn set_connected(&self, connected: bool, detail: &str) {
         let Some(inner) = self.inner.upgrade() else {
             return;
         };
         let was = inner.counters.cluster_connected.swap(connected, Relaxed);
-        if was && !connected {
-            report(&inner, ClusterErrorKind::Disconnected, 0, detail);
+        if !connected {
+            if !self.outage_reported.swap(true, Relaxed) {
+                report(&inner, ClusterErrorKind::Disconnected, 0, detail);
+            }
+            return;
         }
+        self.outage_reported.store(false, Relaxed);
         // The first connection is not a reconnection.
-        if !was && connected && inner.counters.cluster_connects.fetch_add(1, Relaxed) > 0 {
+        if !was && inner.counters.cluster_connects.fetch_add(1, Relaxed) > 0 {
             Counters::add(&inner.counters.cluster_reconnects, 1);
         }
     }

@@ -41,11 +41,20 @@
 //!
 //! When Redis cannot be reached, the batch in hand and everything the workers hand
 //! over until it is back is counted and reported ([`ClusterErrorKind::Unreachable`]);
-//! local delivery goes on. The backend retries with a backoff from 50 ms to 1 s; once
-//! connected it subscribes to its channel, then registers everything this node holds.
+//! local delivery goes on. The outage itself is reported once
+//! ([`ClusterErrorKind::Disconnected`]), also when Redis was down from the start. The
+//! backend retries with a backoff from 50 ms to 1 s; once connected it subscribes to
+//! its channel, then registers everything this node holds. An attempt that subscribed
+//! but failed to register stops its subscription before the next attempt, so this
+//! node never reads its channel twice.
+//!
 //! After a reconnection it waits [`SETTLE`] before carrying messages again, so that
 //! the other nodes, retrying on the same schedule, have re-registered in a Redis that
 //! may have restarted empty; what the workers hand over meanwhile waits in the queue.
+//! Joins and leaves are registered during the wait, and a shutdown ends it.
+//!
+//! A lookup skips the entries that are not node ids (another program wrote under the
+//! same prefix) and routes to the nodes listed beside them.
 
 use super::{ClusterBackend, ClusterErrorKind, ClusterNode, Inbound, Interest, Next, Outbound};
 use crate::message::Target;
@@ -159,9 +168,24 @@ impl ClusterBackend for RedisCluster {
 
 /// A live link to Redis: commands on one multiplexed connection, this node's channel
 /// on a pub/sub connection read by its own task.
+///
+/// At most one link's task may run at a time: two would each hand every message on
+/// this node's channel to the broker, and members would receive it twice.
 struct Link {
     conn: MultiplexedConnection,
     receiver: JoinHandle<()>,
+}
+
+impl Link {
+    /// Stops the task reading this node's channel, and waits until it has stopped, so
+    /// that a new link can subscribe.
+    async fn stop(&mut self) {
+        self.receiver.abort();
+        // A task that ended on its own was awaited already by `serve`.
+        if !self.receiver.is_finished() {
+            let _ = (&mut self.receiver).await;
+        }
+    }
 }
 
 impl Drop for Link {
@@ -184,6 +208,8 @@ struct Backend {
     /// What this node has registered in Redis, as far as it knows.
     registered: HashSet<Interest>,
     batch: Vec<Outbound>,
+    /// Entries found in lookups that are not node ids, since the backend started.
+    skipped: u64,
 }
 
 fn now_ms() -> u64 {
@@ -199,6 +225,7 @@ impl Backend {
             node,
             registered: HashSet::new(),
             batch: Vec::with_capacity(BATCH),
+            skipped: 0,
         }
     }
 
@@ -209,7 +236,12 @@ impl Backend {
             let mut link = match self.connect().await {
                 Ok(link) => link,
                 Err(e) => {
-                    debug!(cause = %e, "cannot reach redis");
+                    // An outage that began with a lost link was logged then.
+                    if !connected_before && retry == RETRY_MIN {
+                        warn!(cause = %e, "cannot reach redis; retrying");
+                    } else {
+                        debug!(cause = %e, "cannot reach redis");
+                    }
                     self.node
                         .set_connected(false, &format!("cannot reach redis: {e}"));
                     if !self.wait_failing(retry, &e).await {
@@ -232,6 +264,7 @@ impl Backend {
                     return;
                 }
                 End::Lost(why) => {
+                    link.stop().await;
                     warn!(cause = %why, "lost redis; reconnecting");
                     self.node
                         .set_connected(false, &format!("lost redis: {why}"));
@@ -248,7 +281,7 @@ impl Backend {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
-        let mut conn = client
+        let conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
 
@@ -262,9 +295,15 @@ impl Backend {
             .await
             .map_err(|_| timed_out("subscribing"))??;
         let receiver = tokio::spawn(receive(self.node.inbound(), sink, stream));
+        let mut link = Link { conn, receiver };
 
-        self.register_all(&mut conn).await?;
-        Ok(Link { conn, receiver })
+        // Registering can fail while the subscription is fine (a command times out,
+        // Redis answers with an error); the next attempt subscribes again.
+        if let Err(e) = self.register_all(&mut link.conn).await {
+            link.stop().await;
+            return Err(e);
+        }
+        Ok(link)
     }
 
     /// While Redis is unreachable: waits `delay` for the next attempt, counting every
@@ -288,6 +327,7 @@ impl Backend {
     }
 
     /// Carries messages and registrations until the broker shuts down or Redis fails.
+    /// With `settle`, messages wait in the queue until then.
     async fn serve(&mut self, link: &mut Link, settle: Option<Instant>) -> End {
         let every = self.config.ttl / 3;
         let mut refresh = time::interval_at(Instant::now() + every, every);
@@ -306,14 +346,17 @@ impl Backend {
                         return End::Lost(e.to_string());
                     }
                 }
-                next = self.node.next(&mut self.batch, BATCH), if !settling => match next {
-                    Next::Closed => return End::Closed,
-                    Next::Interest(interest) => {
+                next = next_step(&mut self.node, &mut self.batch, settling) => match next {
+                    // A shutdown ends the wait: the messages still queued are carried to
+                    // the nodes registered by then.
+                    None => settling = false,
+                    Some(Next::Closed) => return End::Closed,
+                    Some(Next::Interest(interest)) => {
                         if let Err(e) = self.apply(&mut link.conn, interest).await {
                             return End::Lost(e.to_string());
                         }
                     }
-                    Next::Outbound(_) => {
+                    Some(Next::Outbound(_)) => {
                         if let Err(e) = self.carry(&mut link.conn).await {
                             return End::Lost(e.to_string());
                         }
@@ -434,7 +477,8 @@ impl Backend {
             });
             slots.push(slot);
         }
-        let found: Vec<Vec<u64>> = lookups.query_async(conn).await?;
+        let entries: Vec<Vec<Vec<u8>>> = lookups.query_async(conn).await?;
+        let found = self.node_ids(entries, &keys);
         let me = self.node.id();
 
         // 2. Every envelope to each of those nodes but this one, in batch order.
@@ -483,6 +527,46 @@ impl Backend {
         Ok(())
     }
 
+    /// The node ids in each lookup's entries. An entry that is not one (another program
+    /// wrote under the same prefix) is skipped, so that it cannot stop the messages to
+    /// the nodes listed beside it; the first is logged at warn, later ones at debug.
+    fn node_ids(
+        &mut self,
+        entries: Vec<Vec<Vec<u8>>>,
+        keys: &HashMap<String, usize>,
+    ) -> Vec<Vec<u64>> {
+        let mut skipped = 0;
+        let mut found = Vec::with_capacity(entries.len());
+        for (slot, members) in entries.into_iter().enumerate() {
+            let mut nodes = Vec::with_capacity(members.len());
+            for member in members {
+                match node_id(&member) {
+                    Some(node) => nodes.push(node),
+                    None if self.skipped + skipped == 0 => {
+                        skipped += 1;
+                        let key = keys.iter().find(|(_, &s)| s == slot).map(|(k, _)| k);
+                        warn!(
+                            key = key.map_or("", |k| k.as_str()),
+                            entry = %String::from_utf8_lossy(&member),
+                            "skipping an entry that is not a node id; further ones are logged at debug"
+                        );
+                    }
+                    None => skipped += 1,
+                }
+            }
+            found.push(nodes);
+        }
+        if skipped > 0 {
+            self.skipped += skipped;
+            debug!(
+                skipped,
+                since_start = self.skipped,
+                "skipped entries that are not node ids"
+            );
+        }
+        found
+    }
+
     /// Counts the batch in hand as lost, and tells the senders of direct messages.
     fn fail_batch(&mut self, detail: &str) {
         let n = self.batch.len() as u64;
@@ -490,6 +574,20 @@ impl Backend {
             outbound.unreached(&self.node);
         }
         self.node.lost(ClusterErrorKind::Unreachable, n, detail);
+    }
+}
+
+/// What to do next. While settling, messages wait, but joins and leaves are taken at
+/// once; `None` once the broker shuts down, to end the wait.
+async fn next_step(
+    node: &mut ClusterNode,
+    batch: &mut Vec<Outbound>,
+    settling: bool,
+) -> Option<Next> {
+    if settling {
+        node.next_interest().await.map(Next::Interest)
+    } else {
+        Some(node.next(batch, BATCH).await)
     }
 }
 
@@ -507,9 +605,42 @@ async fn receive(
     }
 }
 
+/// The node id in a lookup's entry, written as nodes write it: decimal digits without
+/// a leading zero, and not 0, which no node uses.
+fn node_id(entry: &[u8]) -> Option<u64> {
+    if entry.first() == Some(&b'0') || !entry.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(entry).ok()?.parse().ok()
+}
+
 fn timed_out(what: &str) -> redis::RedisError {
     redis::RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         format!("{what} took over {TIMEOUT:?}"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_id;
+
+    #[test]
+    fn node_ids_as_nodes_write_them() {
+        assert_eq!(node_id(b"1"), Some(1));
+        assert_eq!(node_id(u64::MAX.to_string().as_bytes()), Some(u64::MAX));
+        for junk in [
+            &b""[..],
+            b"0",
+            b"007",
+            b"-3",
+            b"+3",
+            b" 3",
+            b"3a",
+            b"18446744073709551616",
+            &[0xff, 0xfe],
+        ] {
+            assert_eq!(node_id(junk), None, "{junk:?}");
+        }
+    }
 }
