@@ -53,12 +53,18 @@ struct Node {
 
 impl Node {
     async fn start(url: &str, prefix: &str, ttl: Duration) -> Node {
+        Node::start_settling(url, prefix, ttl, switchboard::cluster::redis::SETTLE).await
+    }
+
+    /// A node that waits `settle` after each reconnection before carrying messages.
+    async fn start_settling(url: &str, prefix: &str, ttl: Duration, settle: Duration) -> Node {
         let seen = Arc::new(Seen::default());
         let (on_message, on_error) = (seen.clone(), seen.clone());
         let backend = RedisCluster::new(url)
             .expect("a redis url")
             .prefix(prefix)
-            .ttl(ttl);
+            .ttl(ttl)
+            .settle(settle);
         let builder = Broker::builder()
             .cluster(backend)
             .on_message(move |_, _| {
@@ -596,15 +602,17 @@ async fn redis_down_at_startup_is_reported_once_per_outage() {
     a.broker().shutdown().await;
 }
 
-/// The nodes' wait after a reconnection, [`switchboard::cluster::redis::SETTLE`], is
-/// 1.5 s; these bounds are well under it and well over what the work takes.
-const UNDER_SETTLE: Duration = Duration::from_secs(1);
+/// The wait after a reconnection for the nodes of the tests below, long enough that a
+/// bound well under it is still far over what the work takes on a busy machine.
+const SETTLE: Duration = Duration::from_secs(60);
+const UNDER_SETTLE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_is_prompt_after_a_reconnection() {
     let mut server = RedisServer::start();
     let url = server.url();
-    let a = Node::start(&url, &prefix("settle-stop"), Duration::from_secs(2)).await;
+    let a =
+        Node::start_settling(&url, &prefix("settle-stop"), Duration::from_secs(2), SETTLE).await;
     a.wait_connected().await;
 
     server.kill();
@@ -628,7 +636,7 @@ async fn a_join_right_after_a_reconnection_is_registered() {
     let prefix = prefix("settle-join");
     // Refreshes far apart, so that only the join itself registers the session soon.
     let ttl = Duration::from_secs(9);
-    let a = Node::start(&url, &prefix, ttl).await;
+    let a = Node::start_settling(&url, &prefix, ttl, SETTLE).await;
     let b = Node::start(&url, &prefix, ttl).await;
     a.wait_connected().await;
     b.wait_connected().await;

@@ -48,7 +48,8 @@
 //! but failed to register stops its subscription before the next attempt, so this
 //! node never reads its channel twice.
 //!
-//! After a reconnection it waits [`SETTLE`] before carrying messages again, so that
+//! After a reconnection it waits [`SETTLE`] (the setting [`RedisCluster::settle`])
+//! before carrying messages again, so that
 //! the other nodes, retrying on the same schedule, have re-registered in a Redis that
 //! may have restarted empty; what the workers hand over meanwhile waits in the queue.
 //! Joins and leaves are registered during the wait, and a shutdown ends it.
@@ -96,6 +97,7 @@ pub struct RedisCluster {
     client: redis::Client,
     prefix: String,
     ttl: Duration,
+    settle: Duration,
 }
 
 impl RedisCluster {
@@ -111,6 +113,7 @@ impl RedisCluster {
             client: redis::Client::open(url)?,
             prefix: "switchboard".to_string(),
             ttl: Duration::from_secs(10),
+            settle: SETTLE,
         })
     }
 
@@ -130,6 +133,15 @@ impl RedisCluster {
     pub fn ttl(mut self, ttl: Duration) -> Self {
         assert!(ttl >= Duration::from_millis(30), "ttl is at least 30 ms");
         self.ttl = ttl;
+        self
+    }
+
+    /// How long a node waits after a reconnection before it carries messages again, so
+    /// that the other nodes have re-registered in a Redis that may have restarted
+    /// empty. Default [`SETTLE`], 1.5 s: past the longest retry interval, 1 s. Messages
+    /// wait in the cluster queue meanwhile.
+    pub fn settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
         self
     }
 
@@ -255,7 +267,7 @@ impl Backend {
             self.node.set_connected(true, "");
             info!(node = self.node.id(), "connected to redis");
 
-            let settle = connected_before.then(|| Instant::now() + SETTLE);
+            let settle = connected_before.then(|| Instant::now() + self.config.settle);
             connected_before = true;
             match self.serve(&mut link, settle).await {
                 End::Closed => {
