@@ -225,6 +225,12 @@ impl Builder {
 
     /// Called once for every message the broker forwards, after it was offered to
     /// every recipient, with how many took it.
+    ///
+    /// The hook runs on the forwarding worker that owns the message's target, between
+    /// that message and the next: a hook that blocks holds up every session and user
+    /// of that worker. Hand slow work (a database write, a network call) to a task or
+    /// a channel of your own. The same holds for `on_disconnect`, `on_error` and
+    /// `on_lag`, which run on connection tasks and workers.
     pub fn on_message(mut self, hook: impl Fn(&Message, usize) + Send + Sync + 'static) -> Self {
         self.hooks.on_message = Some(Arc::new(hook));
         self
