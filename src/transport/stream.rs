@@ -171,6 +171,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter for StreamFrameWriter<W
     async fn close(&mut self) -> io::Result<()> {
         self.io.shutdown().await
     }
+
+    fn shrink(&mut self) {
+        self.gather = Vec::new();
+    }
 }
 
 #[cfg(test)]
