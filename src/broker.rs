@@ -4,6 +4,7 @@ use crate::cluster::{self, Cluster, ClusterBackend, ClusterErrorInfo};
 use crate::connection::{self, ConnectionId, ConnectionState};
 use crate::error::BrokerError;
 use crate::frame::{ErrorCode, NoticeKind};
+use crate::heartbeat;
 use crate::hooks::{self, Admission, ConnectInfo, DisconnectInfo, ErrorInfo, Hooks, LagInfo};
 use crate::message::Message;
 use crate::outbox::SlowConsumerPolicy;
@@ -16,6 +17,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -364,6 +366,7 @@ impl Builder {
             ingress,
             host_sender: Arc::from(""),
             next_connection: AtomicU64::new(1),
+            epoch: tokio::time::Instant::now(),
             stop_reading: CancellationToken::new(),
             drained: CancellationToken::new(),
             finished: CancellationToken::new(),
@@ -374,6 +377,8 @@ impl Builder {
         for (index, queue) in queues.into_iter().enumerate() {
             tokio::spawn(worker::run(Arc::downgrade(&inner), index, workers, queue));
         }
+        let tick = heartbeat::tick(&inner.config);
+        tokio::spawn(heartbeat::run(Arc::downgrade(&inner), tick));
         if let (Some(cluster), Some(task)) = (&inner.cluster, backend_task) {
             *cluster.task.lock() = Some(tokio::spawn(task));
         }
@@ -439,6 +444,8 @@ pub(crate) struct Inner {
     /// The sender of messages the host pushes: empty, which no user id can be.
     pub host_sender: Arc<str>,
     pub next_connection: AtomicU64,
+    /// Where the heartbeat's clock starts.
+    pub epoch: tokio::time::Instant,
     /// Cancelled when shutdown begins: accept loops and readers stop.
     pub stop_reading: CancellationToken,
     /// Cancelled once every message queued before shutdown reached the outboxes.
@@ -463,6 +470,16 @@ impl Inner {
             .send(job)
             .await
             .map_err(|_| BrokerError::ShuttingDown)
+    }
+
+    /// Whether readers are to stop: shutdown has begun.
+    pub(crate) fn reads_stopped(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Queues a job if the worker's queue has room now.
+    pub(crate) fn try_enqueue(&self, worker: usize, job: Job) -> Result<(), TrySendError<Job>> {
+        self.ingress[worker].try_send(job)
     }
 
     /// Checks a session or user id: non-empty and within the length limit.
@@ -1149,7 +1166,7 @@ impl Broker {
     /// ```
     pub async fn shutdown(&self) {
         let inner = &self.inner;
-        if inner.shutting_down.swap(true, Ordering::AcqRel) {
+        if inner.shutting_down.swap(true, Ordering::SeqCst) {
             inner.finished.cancelled().await;
             return;
         }
@@ -1157,6 +1174,15 @@ impl Broker {
 
         // 1. No new connections, no new frames.
         inner.stop_reading.cancel();
+        // Readers waiting for bytes look again and stop. A connection registered after
+        // this sees the shutdown before it reads its first frame.
+        let mut connections = Vec::new();
+        for shard in 0..session::SHARDS {
+            inner.registry.connections_in(shard, &mut connections);
+            for connection in connections.drain(..) {
+                connection.outbox.wake_reader();
+            }
+        }
         inner.reading.close();
         inner.reading.wait().await;
 
@@ -1187,5 +1213,13 @@ impl Broker {
         inner.connections.wait().await;
         info!("shut down");
         inner.finished.cancel();
+    }
+}
+
+#[cfg(test)]
+impl Broker {
+    /// What the broker's parts share, for tests inside the crate.
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 }

@@ -56,6 +56,7 @@
 //! - `worker`: the forwarding workers behind the ingress queues.
 //! - `session`: the session map and the registry of connections by user.
 //! - `outbox`: the bounded queue in front of each connection's writer.
+//! - `heartbeat`: one task that closes silent connections and pings quiet ones.
 //! - [`frame`]: the wire protocol's bytes (`docs/protocol.md` specifies them).
 //! - `json`: the JSON form of the same frames, for WebSocket text messages (feature
 //!   `websocket`).
@@ -72,6 +73,7 @@ pub mod cluster;
 mod connection;
 pub mod error;
 pub mod frame;
+mod heartbeat;
 pub mod hooks;
 #[cfg(feature = "websocket")]
 pub mod json;

@@ -8,9 +8,12 @@
 use crate::frame::{ErrorCode, Frame, NoticeKind, Text};
 use crate::transport::WireFormat;
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
-use tokio::sync::Notify;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 /// What the broker does when a member's outbox is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -54,13 +57,24 @@ pub(crate) enum Batch {
     Frames,
     /// Nothing is queued and the outbox is open.
     Empty,
+    /// Nothing is queued, the outbox is open and the connection has gone quiet: room
+    /// the writer keeps for its next batch can be given back.
+    Quiet,
+    /// Nothing is queued, the outbox is open and nothing was written for a heartbeat
+    /// interval: the writer sends a `PING`.
+    Ping,
     /// Nothing is queued and the connection is closing for this reason.
     Closing(CloseReason),
 }
 
 pub(crate) struct Outbox {
     state: Mutex<State>,
-    ready: Notify,
+    /// Wakes the writer.
+    ready: Signal,
+    /// Set once the outbox starts closing, so the reader can see it without the lock.
+    closing: AtomicBool,
+    /// The reader's waker, woken when the outbox starts closing.
+    reader: AtomicWaker,
     capacity: usize,
     policy: SlowConsumerPolicy,
     /// The format of the notices the outbox writes itself.
@@ -89,6 +103,45 @@ struct State {
     in_flight: usize,
     missed: u64,
     closing: Option<CloseReason>,
+    /// The writer took frames since the heartbeat last asked.
+    took: bool,
+    /// The writer took frames since the outbox last gave its room back.
+    kept: bool,
+    /// The writer is to give back the room it keeps, next time it finds nothing queued.
+    quiet: bool,
+    /// The writer is to send a `PING`, next time it finds nothing queued.
+    ping: bool,
+}
+
+/// Wakes one waiting task, or the next one to wait: a waker and a flag, without the
+/// list of waiters a `Notify` keeps, for an outbox has one writer.
+struct Signal {
+    set: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    fn new() -> Signal {
+        Signal {
+            set: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    fn notify(&self) {
+        self.set.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before the flag is read, so a notice between the two still wakes.
+        self.waker.register(cx.waker());
+        if self.set.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 impl Outbox {
@@ -100,8 +153,14 @@ impl Outbox {
                 in_flight: 0,
                 missed: 0,
                 closing: None,
+                took: false,
+                kept: false,
+                quiet: false,
+                ping: false,
             }),
-            ready: Notify::new(),
+            ready: Signal::new(),
+            closing: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
             capacity,
             policy,
             format,
@@ -113,7 +172,7 @@ impl Outbox {
     pub(crate) fn offer(&self, frame: Bytes) -> Offer {
         let (offer, wake) = self.push(frame, true);
         if wake {
-            self.ready.notify_one();
+            self.ready.notify();
         }
         offer
     }
@@ -128,7 +187,7 @@ impl Outbox {
 
     /// Wakes the writer after [`Outbox::offer_unwoken`].
     pub(crate) fn wake(&self) {
-        self.ready.notify_one();
+        self.ready.notify();
     }
 
     /// Queues a control frame (a reply, a notice). It counts against the capacity like
@@ -136,7 +195,7 @@ impl Outbox {
     pub(crate) fn control(&self, frame: &Frame) -> Offer {
         let (offer, wake) = self.push(self.format.encode(frame), false);
         if wake {
-            self.ready.notify_one();
+            self.ready.notify();
         }
         offer
     }
@@ -163,7 +222,7 @@ impl Outbox {
                 if !is_message || self.policy == SlowConsumerPolicy::Disconnect {
                     let freed = state.overflow();
                     drop(state);
-                    self.ready.notify_one();
+                    self.started_closing();
                     return (Offer::Overflowed(freed), false);
                 }
                 state.missed += 1;
@@ -213,8 +272,38 @@ impl Outbox {
             reason: reason.into(),
         });
         drop(state);
-        self.ready.notify_one();
+        self.started_closing();
         true
+    }
+
+    /// Tells the writer and the reader that the outbox started closing.
+    fn started_closing(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.ready.notify();
+        self.reader.wake();
+    }
+
+    /// Whether the outbox is closing: the connection is to end.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Ready once the outbox is closing. Only the connection's reader waits on it; it
+    /// is also woken by [`Outbox::wake_reader`].
+    pub(crate) fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before the flag is read, so a close between the two still wakes.
+        self.reader.register(cx.waker());
+        if self.is_closing() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Wakes the reader waiting in [`Outbox::poll_closed`], so it looks again at why it
+    /// might stop (a shutdown, say).
+    pub(crate) fn wake_reader(&self) {
+        self.reader.wake();
     }
 
     /// Why the outbox is closing, if it is.
@@ -226,11 +315,21 @@ impl Outbox {
     pub(crate) fn take(&self, batch: &mut Vec<Bytes>) -> Batch {
         let mut state = self.state.lock();
         if state.frames.is_empty() {
-            return match &state.closing {
-                Some(reason) => Batch::Closing(reason.clone()),
-                None => Batch::Empty,
+            if let Some(reason) = &state.closing {
+                return Batch::Closing(reason.clone());
+            }
+            return if std::mem::take(&mut state.quiet) {
+                Batch::Quiet
+            } else if std::mem::take(&mut state.ping) {
+                Batch::Ping
+            } else {
+                Batch::Empty
             };
         }
+        state.took = true;
+        state.kept = true;
+        state.quiet = false;
+        state.ping = false;
         batch.extend(state.frames.drain(..).map(|(frame, _)| frame));
         state.in_flight += state.bytes;
         state.bytes = 0;
@@ -246,10 +345,44 @@ impl Outbox {
         state.in_flight = state.in_flight.saturating_sub(bytes);
     }
 
-    /// Resolves once frames are queued or the outbox starts closing, after
-    /// [`Outbox::take`] returned [`Batch::Empty`].
-    pub(crate) async fn ready(&self) {
-        self.ready.notified().await
+    /// Whether the writer took frames since the last call.
+    pub(crate) fn took_since(&self) -> bool {
+        std::mem::take(&mut self.state.lock().took)
+    }
+
+    /// Gives back the queue's room if nothing is queued, and has the writer give back
+    /// the room it keeps for its next batch, unless both were given back already and
+    /// nothing was taken since. The heartbeat calls it at each tick that finds the
+    /// writer took nothing for a whole tick: a busy connection keeps its room, so
+    /// forwarding to it allocates nothing, and an idle one holds none.
+    pub(crate) fn release(&self) {
+        let mut state = self.state.lock();
+        if !state.kept || !state.frames.is_empty() || state.closing.is_some() {
+            return;
+        }
+        state.frames = VecDeque::new();
+        state.kept = false;
+        state.quiet = true;
+        drop(state);
+        self.ready.notify();
+    }
+
+    /// Has the writer send a `PING` if nothing is queued by then.
+    pub(crate) fn ping(&self) {
+        let mut state = self.state.lock();
+        if state.closing.is_some() {
+            return;
+        }
+        state.ping = true;
+        drop(state);
+        self.ready.notify();
+    }
+
+    /// Resolves once frames are queued, the outbox starts closing or the heartbeat has
+    /// something for the writer, after [`Outbox::take`] found nothing to take. Only
+    /// the connection's writer waits on it.
+    pub(crate) fn ready(&self) -> impl std::future::Future<Output = ()> + '_ {
+        poll_fn(|cx| self.ready.poll_wait(cx))
     }
 
     /// Bytes queued now.
@@ -432,5 +565,61 @@ mod tests {
             assert_eq!(outbox.control(&Frame::Pong), Offer::Overflowed(0));
             assert_eq!(outbox.closing().unwrap().code, ErrorCode::SlowConsumer);
         }
+    }
+
+    #[test]
+    fn a_quiet_outbox_gives_its_room_back_once_and_keeps_it_while_busy() {
+        let outbox = Outbox::new(1000, SlowConsumerPolicy::Disconnect, WireFormat::Binary);
+        let mut batch = Vec::new();
+        outbox.release();
+        assert!(
+            matches!(outbox.take(&mut batch), Batch::Empty),
+            "nothing was kept, so nothing to give back"
+        );
+
+        assert_eq!(outbox.offer(frame(10)), Offer::Queued);
+        assert!(matches!(outbox.take(&mut batch), Batch::Frames));
+        outbox.written(10);
+        batch.clear();
+        assert!(outbox.state.lock().frames.capacity() > 0);
+
+        // Queued frames keep the room, however quiet the heartbeat thinks it is.
+        assert_eq!(outbox.offer(frame(10)), Offer::Queued);
+        outbox.release();
+        assert!(matches!(outbox.take(&mut batch), Batch::Frames));
+        outbox.written(10);
+        batch.clear();
+
+        outbox.release();
+        assert_eq!(outbox.state.lock().frames.capacity(), 0);
+        assert!(matches!(outbox.take(&mut batch), Batch::Quiet));
+        assert!(matches!(outbox.take(&mut batch), Batch::Empty));
+        outbox.release();
+        assert!(
+            matches!(outbox.take(&mut batch), Batch::Empty),
+            "given back already"
+        );
+    }
+
+    #[test]
+    fn a_ping_waits_behind_queued_frames_and_is_dropped_by_a_close() {
+        let outbox = Outbox::new(1000, SlowConsumerPolicy::Disconnect, WireFormat::Binary);
+        let mut batch = Vec::new();
+        assert_eq!(outbox.offer(frame(10)), Offer::Queued);
+        outbox.ping();
+        assert!(
+            matches!(outbox.take(&mut batch), Batch::Frames),
+            "traffic is proof of life"
+        );
+        assert!(matches!(outbox.take(&mut batch), Batch::Empty));
+
+        outbox.ping();
+        assert!(matches!(outbox.take(&mut batch), Batch::Ping));
+        assert!(matches!(outbox.take(&mut batch), Batch::Empty));
+
+        outbox.ping();
+        outbox.close(ErrorCode::Normal, "bye");
+        assert!(matches!(outbox.take(&mut batch), Batch::Closing(_)));
+        assert!(outbox.is_closing());
     }
 }

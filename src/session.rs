@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 /// Shards per map. A power of two well above the core count keeps contention low.
-const SHARDS: usize = 64;
+pub(crate) const SHARDS: usize = 64;
 
 /// The members of one session, shared with the workers forwarding to it.
 pub(crate) type Members = Arc<Vec<Arc<ConnectionState>>>;
@@ -403,6 +403,11 @@ impl Registry {
 
     pub(crate) fn get(&self, id: ConnectionId) -> Option<Arc<ConnectionState>> {
         self.by_id[id_shard(id)].read().get(&id).cloned()
+    }
+
+    /// Appends the live connections of one shard (of [`SHARDS`]) to `into`.
+    pub(crate) fn connections_in(&self, shard: usize, into: &mut Vec<Arc<ConnectionState>>) {
+        into.extend(self.by_id[shard].read().values().cloned());
     }
 }
 

@@ -94,6 +94,11 @@ pub trait FrameWriter: Send + 'static {
 
     /// Ends the connection after what was written.
     fn close(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Gives back room kept for the next batch. The broker calls it when the connection
+    /// has gone quiet, so that an idle connection holds no buffers; the default does
+    /// nothing.
+    fn shrink(&mut self) {}
 }
 
 /// One accepted connection, ready to hand to [`crate::Broker::accept`].
