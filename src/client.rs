@@ -535,7 +535,16 @@ impl ClientHandle {
     async fn request(&self, make: impl FnOnce(u32) -> Frame) -> Result<(), ClientError> {
         let request = self.next_request();
         let (tx, rx) = oneshot::channel();
-        self.shared.pending.lock().insert(request, tx);
+        {
+            // The reader marks the connection closed before it drops every pending
+            // reply, so a request registered after that drop sees the mark here.
+            let mut pending = self.shared.pending.lock();
+            if self.shared.closed.lock().is_some() {
+                drop(pending);
+                return Err(self.closed_error());
+            }
+            pending.insert(request, tx);
+        }
         if let Err(e) = self.send(make(request)).await {
             self.shared.pending.lock().remove(&request);
             return Err(e);

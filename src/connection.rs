@@ -287,7 +287,7 @@ async fn admit<R: FrameReader, W: FrameWriter>(
                 heartbeat_ms: config.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
                 max_frame: config.max_frame.min(u32::MAX as usize) as u32,
             });
-            write_batch(writer, &mut vec![welcome], &state, inner).await;
+            write_batch(writer, &mut vec![welcome], false, &state, inner).await;
             Some(state)
         }
         Err(Some(refusal)) => {
@@ -802,11 +802,9 @@ fn write_loop<'a, W: FrameWriter>(
                         } else {
                             batch[start..next].iter_mut().map(std::mem::take).collect()
                         };
-                        let written = write_batch(writer, &mut chunk, state, inner).await;
-                        if !written {
+                        if !write_batch(writer, &mut chunk, true, state, inner).await {
                             return;
                         }
-                        state.outbox.written(bytes);
                         if batch.is_empty() {
                             // The whole batch went as one chunk: keep its room.
                             batch = chunk;
@@ -815,7 +813,7 @@ fn write_loop<'a, W: FrameWriter>(
                     batch.clear();
                 }
                 Step::Ping => {
-                    if !write_batch(writer, &mut batch, state, inner).await {
+                    if !write_batch(writer, &mut batch, false, state, inner).await {
                         return;
                     }
                     // A ping comes when the connection is quiet and its room was given
@@ -823,7 +821,7 @@ fn write_loop<'a, W: FrameWriter>(
                     batch = Vec::new();
                 }
                 Step::Close => {
-                    if write_batch(writer, &mut batch, state, inner).await {
+                    if write_batch(writer, &mut batch, false, state, inner).await {
                         let limit = inner.config.write_timeout;
                         let _ = Box::pin(time::timeout(limit, writer.close())).await;
                     }
@@ -847,7 +845,9 @@ enum Step {
 }
 
 /// Writes one batch within the write timeout; on failure ends the connection and
-/// returns false.
+/// returns false. With `taken`, the frames came from the outbox, which stops counting
+/// them once they are written: before `bytes_out` counts them, so that whoever sees
+/// them counted sees the room they held given back.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn would keep each argument twice"
@@ -855,6 +855,7 @@ enum Step {
 fn write_batch<'a, W: FrameWriter>(
     writer: &'a mut W,
     batch: &'a mut Vec<Bytes>,
+    taken: bool,
     state: &'a ConnectionState,
     inner: &'a Inner,
 ) -> impl Future<Output = bool> + Send + 'a {
@@ -879,6 +880,9 @@ fn write_batch<'a, W: FrameWriter>(
         batch.clear();
         match result {
             Ok(Ok(())) => {
+                if taken {
+                    state.outbox.written(bytes as usize);
+                }
                 Counters::add(&inner.counters.bytes_out, bytes);
                 true
             }

@@ -325,6 +325,7 @@ async fn outbox_bytes_at_and_past_the_limit(link: Link) {
     within("subscribe", alice.subscribe("room")).await.unwrap();
 
     // An idle member's outbox is empty, so a message of exactly its size fits.
+    let out = t.broker.stats().bytes_out;
     t.broker
         .publish("room", vec![b'x'; FITTING_PAYLOAD])
         .await
@@ -333,6 +334,12 @@ async fn outbox_bytes_at_and_past_the_limit(link: Link) {
         next_message(&mut alice).await.payload.len(),
         FITTING_PAYLOAD
     );
+    // The client can hold the message before the broker's writer has seen its write
+    // complete and given the room back; bytes_out counts it only after that.
+    wait_until("the message counted as written", || {
+        t.broker.stats().bytes_out >= out + OUTBOX as u64
+    })
+    .await;
 
     // An empty outbox takes any one frame, so a message one byte over the cap still
     // reaches a member that keeps up.
