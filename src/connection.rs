@@ -60,14 +60,12 @@ pub(crate) struct Memberships {
 }
 
 impl ConnectionState {
-    /// Offers a message frame to this member; counts and reports what was lost.
-    /// Returns true when it was queued.
-    /// Offers a message frame to this member; counts and reports what was lost.
-    /// Returns whether it was queued, and whether the member's writer is due a wake-up
-    /// ([`Outbox::wake`]), which is left to the caller so that it can offer a whole
-    /// batch first.
-    pub(crate) fn deliver(&self, frame: Bytes, inner: &Inner) -> (bool, bool) {
-        let (offer, wake) = self.outbox.offer_unwoken(frame);
+    /// Offers a message frame from forwarding worker `worker` to this member; counts
+    /// and reports what was lost. Returns whether it was queued, and whether the
+    /// member's writer is due a wake-up ([`Outbox::wake`]), which is left to the
+    /// caller so that it can offer a whole batch first.
+    pub(crate) fn deliver(&self, frame: Bytes, inner: &Inner, worker: usize) -> (bool, bool) {
+        let (offer, wake) = self.outbox.offer_unwoken(frame, worker);
         let delivered = match offer {
             Offer::Queued => true,
             Offer::QueuedDropping(n) => {

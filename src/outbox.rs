@@ -111,6 +111,10 @@ struct State {
     quiet: bool,
     /// The writer is to send a `PING`, next time it finds nothing queued.
     ping: bool,
+    /// The worker that queued frames the writer has not yet been woken for, and owes
+    /// it that wake-up at the end of its batch. Another worker, or a reply, that
+    /// queues a frame meanwhile wakes the writer itself rather than wait on that one.
+    unwoken_by: Option<usize>,
 }
 
 /// Wakes one waiting task, or the next one to wait: a waker and a flag, without the
@@ -157,6 +161,7 @@ impl Outbox {
                 kept: false,
                 quiet: false,
                 ping: false,
+                unwoken_by: None,
             }),
             ready: Signal::new(),
             closing: AtomicBool::new(false),
@@ -170,43 +175,53 @@ impl Outbox {
     /// Offers a message frame and wakes the writer. Never waits.
     #[cfg(test)]
     pub(crate) fn offer(&self, frame: Bytes) -> Offer {
-        let (offer, wake) = self.push(frame, true);
+        let (offer, wake) = self.push(frame, Some(0));
         if wake {
-            self.ready.notify();
+            self.wake();
         }
         offer
     }
 
-    /// Offers a message frame, never waiting, and leaves waking the writer to the
-    /// caller: true means the writer may be waiting and [`Outbox::wake`] is due. A
-    /// worker offers a run of messages first and wakes each writer once, so that the
-    /// writer finds the run, not its first frame.
-    pub(crate) fn offer_unwoken(&self, frame: Bytes) -> (Offer, bool) {
-        self.push(frame, true)
+    /// Offers a message frame from forwarding worker `worker`, never waiting, and
+    /// leaves waking the writer to that worker: true means the writer may be waiting
+    /// and [`Outbox::wake`] is due. A worker offers a run of messages first and wakes
+    /// each writer once, so that the writer finds the run, not its first frame.
+    ///
+    /// A wake-up another worker owes is taken over: that worker may be held up (by a
+    /// long batch, or by its `on_message` hook), and this one's frames must not wait
+    /// for it.
+    pub(crate) fn offer_unwoken(&self, frame: Bytes, worker: usize) -> (Offer, bool) {
+        self.push(frame, Some(worker))
     }
 
     /// Wakes the writer after [`Outbox::offer_unwoken`].
     pub(crate) fn wake(&self) {
+        self.state.lock().unwoken_by = None;
         self.ready.notify();
     }
 
     /// Queues a control frame (a reply, a notice). It counts against the capacity like
     /// any frame, so a peer that sends requests but never reads is still bounded.
     pub(crate) fn control(&self, frame: &Frame) -> Offer {
-        let (offer, wake) = self.push(self.format.encode(frame), false);
+        let (offer, wake) = self.push(self.format.encode(frame), None);
         if wake {
             self.ready.notify();
         }
         offer
     }
 
-    /// Queues a frame; also says whether the writer needs waking for it.
-    fn push(&self, frame: Bytes, is_message: bool) -> (Offer, bool) {
+    /// Queues a frame: a message from forwarding worker `worker`, or with `None` a
+    /// control frame, whose caller wakes the writer at once. Also says whether the
+    /// writer needs waking for it.
+    fn push(&self, frame: Bytes, worker: Option<usize>) -> (Offer, bool) {
+        let is_message = worker.is_some();
         let mut state = self.state.lock();
         if state.closing.is_some() {
             return (Offer::Closed, false);
         }
-        let was_empty = state.frames.is_empty();
+        // The writer needs waking when it may have found the queue empty, or when the
+        // worker that owes it a wake-up is not the one offering now.
+        let wake = state.frames.is_empty() || state.unwoken_by.is_some_and(|w| worker != Some(w));
 
         // An outbox holding nothing takes any one frame, so a message larger than the
         // cap still reaches a member that keeps up; the cap bounds what piles up.
@@ -250,6 +265,10 @@ impl Outbox {
             Entry::Control
         };
         state.frames.push_back((frame, entry));
+        if wake {
+            // A control frame's caller wakes the writer now; a worker at its batch's end.
+            state.unwoken_by = worker;
+        }
         drop(state);
 
         let offer = if discarded > 0 {
@@ -257,7 +276,7 @@ impl Outbox {
         } else {
             Offer::Queued
         };
-        (offer, was_empty)
+        (offer, wake)
     }
 
     /// Starts closing: the writer sends what is queued, then `reason`, then ends.
@@ -330,6 +349,7 @@ impl Outbox {
         state.kept = true;
         state.quiet = false;
         state.ping = false;
+        state.unwoken_by = None;
         batch.extend(state.frames.drain(..).map(|(frame, _)| frame));
         state.in_flight += state.bytes;
         state.bytes = 0;

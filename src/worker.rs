@@ -21,10 +21,12 @@ use tokio::sync::{mpsc, oneshot};
 /// The most jobs a worker takes off its queue at once.
 const BATCH: usize = 128;
 
-/// Payload bytes a worker offers before it wakes the writers, at most. Waking once per
-/// batch lets a writer find many frames at once; the bound keeps what waits unseen far
-/// below an outbox's cap, so that no member is taken for a slow consumer because its
-/// writer was not yet woken.
+/// Bytes of frames a worker offers before it wakes the writers, at most (or a quarter
+/// of `outbox_bytes`, when less). Waking once per batch lets a writer find many frames
+/// at once; the bound keeps what waits unseen far below an outbox's cap, so that no
+/// member is taken for a slow consumer because its writer was not yet woken. Frames,
+/// not payload, are what fill an outbox: a small message to a long session id is
+/// mostly header.
 const WAKE_AFTER: usize = 64 * 1024;
 
 /// One entry on an ingress queue.
@@ -56,15 +58,24 @@ pub(crate) enum Job {
     Drain(oneshot::Sender<()>),
 }
 
-impl Job {
-    /// The bytes of payload the job carries.
-    fn payload_len(&self) -> usize {
-        match self {
-            Job::Publish { payload, .. }
-            | Job::Direct { payload, .. }
-            | Job::Remote { payload, .. } => payload.len(),
-            Job::Drain(_) => 0,
+/// The members whose writers one worker owes a wake-up.
+struct Wakes {
+    /// The worker's index, which an outbox keeps to know who owes its writer a
+    /// wake-up ([`crate::outbox::Outbox::offer_unwoken`]).
+    worker: usize,
+    members: Vec<Arc<ConnectionState>>,
+    /// Bytes of frames offered since the writers were last woken, the largest frame of
+    /// each message counted once: no member is offered more than that.
+    unwoken: usize,
+}
+
+impl Wakes {
+    /// Wakes the writers of members that were offered frames.
+    fn wake_all(&mut self) {
+        for member in self.members.drain(..) {
+            member.outbox.wake();
         }
+        self.unwoken = 0;
     }
 }
 
@@ -80,8 +91,11 @@ pub(crate) async fn run(
     let step = workers as u64;
     let mut jobs = Vec::with_capacity(BATCH);
     // The members whose writers wait for a wake-up once this batch is offered.
-    let mut wake = Vec::new();
-    let mut unwoken = 0;
+    let mut wake = Wakes {
+        worker: index,
+        members: Vec::new(),
+        unwoken: 0,
+    };
 
     while queue.recv_many(&mut jobs, BATCH).await > 0 {
         let Some(inner) = inner.upgrade() else {
@@ -92,11 +106,9 @@ pub(crate) async fn run(
         let wake_after = WAKE_AFTER.min(inner.config.outbox_bytes / 4);
         for job in jobs.drain(..) {
             let id = next_id;
-            if unwoken >= wake_after {
-                wake_all(&mut wake);
-                unwoken = 0;
+            if wake.unwoken >= wake_after {
+                wake.wake_all();
             }
-            unwoken += job.payload_len();
             match job {
                 Job::Publish {
                     from,
@@ -134,7 +146,7 @@ pub(crate) async fn run(
                     continue;
                 }
                 Job::Drain(done) => {
-                    wake_all(&mut wake);
+                    wake.wake_all();
                     let _ = done.send(());
                     continue;
                 }
@@ -142,8 +154,7 @@ pub(crate) async fn run(
             received += 1;
             next_id += step;
         }
-        wake_all(&mut wake);
-        unwoken = 0;
+        wake.wake_all();
         Counters::add(&inner.counters.received, received);
         Counters::add(&inner.counters.delivered, delivered);
     }
@@ -217,13 +228,6 @@ impl<'a> Encoded<'a> {
     }
 }
 
-/// Wakes the writers of members that were offered frames.
-fn wake_all(wake: &mut Vec<Arc<ConnectionState>>) {
-    for member in wake.drain(..) {
-        member.outbox.wake();
-    }
-}
-
 /// Offers `frame` to each of `members` but the sender; returns how many took it.
 /// Members whose writers need waking are added to `wake`.
 fn fan_out(
@@ -231,22 +235,26 @@ fn fan_out(
     members: &[Arc<ConnectionState>],
     from: Option<&Arc<ConnectionState>>,
     encoded: &mut Encoded<'_>,
-    wake: &mut Vec<Arc<ConnectionState>>,
+    wake: &mut Wakes,
 ) -> u64 {
     let sender = from.map(|f| f.id);
     let mut delivered = 0;
+    let mut largest = 0;
     for member in members {
         if Some(member.id) == sender {
             continue;
         }
-        let (queued, due) = member.deliver(encoded.frame(member.format), inner);
+        let frame = encoded.frame(member.format);
+        largest = largest.max(frame.len());
+        let (queued, due) = member.deliver(frame, inner, wake.worker);
         if due {
-            wake.push(member.clone());
+            wake.members.push(member.clone());
         }
         if queued {
             delivered += 1;
         }
     }
+    wake.unwoken += largest;
     delivered
 }
 
@@ -256,7 +264,7 @@ fn publish(
     from: Option<&Arc<ConnectionState>>,
     session: &Text,
     payload: Bytes,
-    wake: &mut Vec<Arc<ConnectionState>>,
+    wake: &mut Wakes,
 ) -> u64 {
     let sent_at = SystemTime::now();
     let sender = from.map_or_else(|| inner.host_sender.clone(), |f| f.user.clone());
@@ -316,7 +324,7 @@ fn direct(
     user: &Text,
     payload: Bytes,
     request: u32,
-    wake: &mut Vec<Arc<ConnectionState>>,
+    wake: &mut Wakes,
 ) -> u64 {
     let sent_at = SystemTime::now();
     let sender = from.map_or_else(|| inner.host_sender.clone(), |f| f.user.clone());
@@ -374,7 +382,7 @@ fn remote(
     inner: &Inner,
     id: u64,
     (kind, sender, target, sent_at, payload): (MessageKind, &str, &str, SystemTime, &Bytes),
-    wake: &mut Vec<Arc<ConnectionState>>,
+    wake: &mut Wakes,
 ) -> u64 {
     let recipients = match kind {
         MessageKind::Session => match inner.sessions.members(target) {
