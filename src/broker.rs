@@ -230,9 +230,13 @@ impl Builder {
     ///
     /// The hook runs on the forwarding worker that owns the message's target, between
     /// that message and the next: a hook that blocks holds up every session and user
-    /// of that worker. Hand slow work (a database write, a network call) to a task or
-    /// a channel of your own. The same holds for `on_disconnect`, `on_error` and
-    /// `on_lag`, which run on connection tasks and workers.
+    /// of that worker. It also holds up the task the worker woke last, which Tokio
+    /// keeps for that thread: a connection that was waiting for room on the ingress
+    /// queue, say. Hand slow work (a database write, a network call) to a task or
+    /// a channel of your own; a hook that must wait should wait inside
+    /// `tokio::task::block_in_place`, which hands the thread's other tasks on. The
+    /// same holds for `on_disconnect`, `on_error` and `on_lag`, which run on
+    /// connection tasks and workers.
     pub fn on_message(mut self, hook: impl Fn(&Message, usize) + Send + Sync + 'static) -> Self {
         self.hooks.on_message = Some(Arc::new(hook));
         self

@@ -9,6 +9,7 @@ use common::*;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
+use switchboard::frame::Frame;
 use switchboard::{Broker, Builder, Event};
 use tokio::sync::mpsc;
 
@@ -36,8 +37,12 @@ fn held_worker(builder: Builder) -> (Builder, HeldWorker) {
         let session = message.target.id();
         if session == HELD {
             let _ = entered_tx.send(());
-            let gate = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let _ = gate.recv_timeout(Duration::from_secs(20));
+            // Waiting in place would also hold up whatever task the worker woke last,
+            // which Tokio keeps for the worker's thread; this hands those on.
+            tokio::task::block_in_place(|| {
+                let gate = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let _ = gate.recv_timeout(Duration::from_secs(20));
+            });
         } else {
             let _ = passed_tx.send(session.to_string());
         }
@@ -182,4 +187,99 @@ async fn a_reply_does_not_wait_for_the_wake_up_a_held_worker_owes() {
     .unwrap();
     assert_eq!(next_payload(&mut member).await, "offered, then held");
     drop(held.release);
+}
+
+/// A reader waiting for room on a full ingress queue (its publisher outran a held-up
+/// worker) still has its connection's writer deliver what other workers offer, and
+/// the heartbeat's `PING`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_waiting_on_a_full_ingress_queue_still_gets_deliveries_and_pings() {
+    // Which worker owns a session depends only on its id and the number of workers,
+    // so a broker of its own finds the session without filling the one under test.
+    let (builder, mut probe) = held_worker(Broker::builder().workers(2));
+    let other = probe.find_session_of_another_worker(&builder.build()).await;
+
+    let builder = Broker::builder()
+        .workers(2)
+        .ingress_capacity(1)
+        .heartbeat_interval(Duration::from_millis(200));
+    let (builder, mut held) = held_worker(builder);
+    let (broker, connector) = memory_broker(builder);
+    let mut publisher = RawMemory::connect(&connector).await;
+    publisher.handshake("publisher").await;
+    publisher.send(raw_subscribe(1, other.as_bytes())).await;
+    assert_eq!(publisher.frame().await, Some(Frame::Ok { request: 1 }));
+
+    // The held worker takes the first message; the rest fill its queue of one and
+    // leave the publisher's reader waiting.
+    let flood = (0..8).map(|_| raw_publish(HELD.as_bytes(), b"x")).collect();
+    publisher.send_all(flood).await;
+    within("the held hook", held.entered.recv()).await.unwrap();
+
+    broker.publish(&other, "while you wait").await.unwrap();
+    match publisher.frame().await {
+        Some(Frame::Deliver { payload, .. }) => assert_eq!(payload, "while you wait"),
+        other => panic!("expected the delivery, got {other:?}"),
+    }
+    assert_eq!(publisher.frame().await, Some(Frame::Ping));
+
+    // Once the worker goes on, so does the reader: its next request is answered.
+    drop(held.release);
+    publisher.send(raw_subscribe(2, b"later")).await;
+    loop {
+        match publisher.frame().await {
+            Some(Frame::Ok { request: 2 }) => break,
+            Some(Frame::Ping) => {}
+            other => panic!("expected OK, got {other:?}"),
+        }
+    }
+}
+
+/// A writer stuck on a socket its peer does not read leaves the reader free: the
+/// peer's frames are still read and forwarded, and its leaving is noticed at once,
+/// not after the write timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_stuck_on_a_full_socket_does_not_stop_its_reader() {
+    let builder = Broker::builder()
+        .outbox_bytes(64 << 20)
+        .write_timeout(Duration::from_secs(120));
+    let test = TestBroker::with(builder).await;
+    let mut listener = test.connect(Link::Memory, "listener").await;
+    within("subscribe", listener.subscribe("side"))
+        .await
+        .unwrap();
+    let mut stuck = test.raw_tcp().await;
+    stuck.handshake("stuck").await;
+    stuck.send(&raw_subscribe(1, b"flood")).await;
+    assert_eq!(stuck.frame().await, Some(Frame::Ok { request: 1 }));
+
+    // Far more than loopback socket buffers hold: the writer is left waiting.
+    let chunk = bytes::Bytes::from(vec![7u8; 512 * 1024]);
+    for _ in 0..64 {
+        test.broker.publish("flood", chunk.clone()).await.unwrap();
+    }
+    let broker = test.broker.clone();
+    let mut last = 0;
+    wait_until("the writer to stop getting anywhere", move || {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = broker.stats().bytes_out;
+        std::mem::replace(&mut last, now) == now
+    })
+    .await;
+    assert!(test.broker.stats().bytes_out < 32 << 20);
+
+    stuck
+        .send(&raw_publish(b"side", b"read past a stuck writer"))
+        .await;
+    assert_eq!(
+        next_payload(&mut listener).await,
+        "read past a stuck writer"
+    );
+
+    stuck.shutdown_write().await;
+    let broker = test.broker.clone();
+    wait_until("the stuck peer to leave its session", move || {
+        broker.session("flood").is_none() && broker.stats().connections == 1
+    })
+    .await;
 }
