@@ -117,6 +117,11 @@ impl ClientBuilder {
     }
 
     /// Events queued before the client stops reading its connection. Default 8,192.
+    ///
+    /// A request resolves only once the events that arrived before its reply are in
+    /// the event stream, so a task that awaits a request while nothing reads a full
+    /// event stream waits until something does. Read events on a task of their own
+    /// (see [`Client::split`]) when the capacity is small.
     pub fn event_capacity(mut self, n: usize) -> Self {
         self.event_capacity = n.max(1);
         self
