@@ -53,7 +53,8 @@ pub struct Config {
     /// interval in force is at most half of `idle_timeout`, so that clients that ping
     /// on it are never closed as idle; `build()` lowers it when needed.
     pub heartbeat_interval: Duration,
-    /// One batch write that takes longer than this closes the connection. Default 10 s.
+    /// One write to a connection (a batch, or a 64 KiB part of a larger one) that takes
+    /// longer than this closes the connection. Default 10 s.
     pub write_timeout: Duration,
     /// Forwarding workers. Default: one per core.
     pub workers: usize,
@@ -323,7 +324,7 @@ impl Builder {
                 && config.idle_timeout >= Duration::from_millis(1),
             "heartbeat_interval and idle_timeout are at least 1 ms"
         );
-        // F4: the largest DELIVER the broker can make must fit a u32 length.
+        // The largest DELIVER the broker can make must fit a u32 length.
         assert!(
             config.max_frame <= u32::MAX as usize - 27 - 2 * config.max_id_len,
             "max_frame leaves no room for a DELIVER's header within u32::MAX"
@@ -600,7 +601,7 @@ impl Broker {
     ///
     /// The returned future holds its own handle to the broker, so it can be spawned as
     /// it is, with no clone of the broker first, or awaited. It only accepts: each
-    /// connection runs on tasks of its own from its handshake to its end, and carries
+    /// connection runs on a task of its own from its handshake to its end, and carries
     /// on after the future has finished. Several transports can be served at once, each
     /// by its own future, and their connections meet in the same sessions.
     ///
