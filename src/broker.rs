@@ -53,8 +53,8 @@ pub struct Config {
     /// interval in force is at most half of `idle_timeout`, so that clients that ping
     /// on it are never closed as idle; `build()` lowers it when needed.
     pub heartbeat_interval: Duration,
-    /// One write to a connection (a batch, or a 64 KiB part of a larger one) that takes
-    /// longer than this closes the connection. Default 10 s.
+    /// One write to a connection (a batch of at most 64 KiB, or one larger frame) that
+    /// takes longer than this closes the connection. Default 10 s.
     pub write_timeout: Duration,
     /// Forwarding workers. Default: one per core.
     pub workers: usize,

@@ -739,9 +739,6 @@ fn reject(
     reason(code, detail)
 }
 
-/// Bytes handed to the transport in one write, at most (or one frame, when larger).
-const WRITE_CHUNK: usize = 64 * 1024;
-
 /// Writes the outbox to the peer, a batch at a time, until the outbox closes. Like
 /// [`run`], an `async move` block, so that what it captures is kept once.
 #[allow(
@@ -782,33 +779,9 @@ fn write_loop<'a, W: FrameWriter>(
             match step {
                 Step::Wait => state.outbox.ready().await,
                 Step::Write => {
-                    // Written a chunk at a time, each released from the outbox's count
-                    // once it is out: a member is charged for what it has not received,
-                    // not for the part of a large batch that already reached it.
-                    let mut next = 0;
-                    while next < batch.len() {
-                        let mut bytes = 0;
-                        let start = next;
-                        while next < batch.len()
-                            && (next == start || bytes + batch[next].len() <= WRITE_CHUNK)
-                        {
-                            bytes += batch[next].len();
-                            next += 1;
-                        }
-                        let mut chunk: Vec<Bytes> = if start == 0 && next == batch.len() {
-                            std::mem::take(&mut batch)
-                        } else {
-                            batch[start..next].iter_mut().map(std::mem::take).collect()
-                        };
-                        if !write_batch(writer, &mut chunk, true, state, inner).await {
-                            return;
-                        }
-                        if batch.is_empty() {
-                            // The whole batch went as one chunk: keep its room.
-                            batch = chunk;
-                        }
+                    if !write_batch(writer, &mut batch, true, state, inner).await {
+                        return;
                     }
-                    batch.clear();
                 }
                 Step::Ping => {
                     if !write_batch(writer, &mut batch, false, state, inner).await {

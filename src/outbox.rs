@@ -15,6 +15,10 @@ use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+/// The most bytes the writer takes at once (or one larger frame), each batch written
+/// before the next is taken.
+pub(crate) const TAKE_BYTES: usize = 64 * 1024;
+
 /// What the broker does when a member's outbox is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SlowConsumerPolicy {
@@ -330,7 +334,7 @@ impl Outbox {
         self.state.lock().closing.clone()
     }
 
-    /// Moves everything queued into `batch`.
+    /// Moves what is queued into `batch`, up to [`TAKE_BYTES`] of it.
     pub(crate) fn take(&self, batch: &mut Vec<Bytes>) -> Batch {
         let mut state = self.state.lock();
         if state.frames.is_empty() {
@@ -350,9 +354,21 @@ impl Outbox {
         state.quiet = false;
         state.ping = false;
         state.unwoken_by = None;
-        batch.extend(state.frames.drain(..).map(|(frame, _)| frame));
-        state.in_flight += state.bytes;
-        state.bytes = 0;
+        // At most TAKE_BYTES at a time (or one larger frame): what the writer holds
+        // counts against the cap until it is written, so a member is charged for
+        // little more than what has not reached it.
+        let mut taken = 0;
+        while let Some(len) = state.frames.front().map(|(frame, _)| frame.len()) {
+            if taken > 0 && taken + len > TAKE_BYTES {
+                break;
+            }
+            if let Some((frame, _)) = state.frames.pop_front() {
+                batch.push(frame);
+            }
+            taken += len;
+        }
+        state.in_flight += taken;
+        state.bytes -= taken;
         if state.frames.capacity() > 1024 {
             state.frames.shrink_to(64);
         }
@@ -487,6 +503,29 @@ mod tests {
         assert_eq!(outbox.queued_bytes(), 0);
         assert_eq!(outbox.closing().unwrap().code, ErrorCode::SlowConsumer);
         assert_eq!(outbox.offer(frame(1)), Offer::Closed);
+    }
+
+    #[test]
+    fn the_writer_takes_at_most_take_bytes_at_once_or_one_larger_frame() {
+        let outbox = Outbox::new(1 << 20, SlowConsumerPolicy::Disconnect, WireFormat::Binary);
+        for _ in 0..5 {
+            assert_eq!(outbox.offer(frame(TAKE_BYTES / 4)), Offer::Queued);
+        }
+        let mut batch = Vec::new();
+        assert!(matches!(outbox.take(&mut batch), Batch::Frames));
+        assert_eq!(batch.len(), 4, "four quarters fill one take");
+        batch.clear();
+        assert!(matches!(outbox.take(&mut batch), Batch::Frames));
+        assert_eq!(batch.len(), 1);
+        batch.clear();
+
+        assert_eq!(outbox.offer(frame(TAKE_BYTES + 1)), Offer::Queued);
+        assert_eq!(outbox.offer(frame(1)), Offer::Queued);
+        assert!(matches!(outbox.take(&mut batch), Batch::Frames));
+        assert_eq!(batch.len(), 1, "a frame over the bound goes alone");
+        batch.clear();
+        assert!(matches!(outbox.take(&mut batch), Batch::Frames));
+        assert_eq!(batch.len(), 1);
     }
 
     #[test]
