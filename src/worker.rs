@@ -154,9 +154,11 @@ pub(crate) async fn run(
             received += 1;
             next_id += step;
         }
-        wake.wake_all();
+        // Counted before the members are woken, so that whoever has received a message
+        // finds it counted.
         Counters::add(&inner.counters.received, received);
         Counters::add(&inner.counters.delivered, delivered);
+        wake.wake_all();
     }
 }
 
