@@ -32,12 +32,17 @@
 use bytes::Bytes;
 use clap::Parser;
 use futures::StreamExt;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::Duration;
 use switchboard::frame::{kind, Frame, Text, LENGTH_PREFIX, PROTOCOL_VERSION};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// The `server` example as a child process.
+#[path = "common/server.rs"]
+mod server;
+
+use server::start_server;
 
 /// Handshakes in flight at once; more would overflow a default listen backlog.
 const CONCURRENCY: usize = 128;
@@ -288,57 +293,4 @@ fn pid_of(name: &str) -> Result<u32, String> {
         (None, _) => Err(format!("no process named {name}")),
         (Some(_), Some(_)) => Err(format!("more than one process named {name}")),
     }
-}
-
-/// The `server` example running as a child process; killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the `server` example found beside this program, on a free port, and reads
-/// the address it prints.
-fn start_server() -> Result<Server, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let path = exe.with_file_name("server");
-    if !path.exists() {
-        return Err(format!(
-            "no server example at {}; build it with `cargo build --release --example server`",
-            path.display()
-        ));
-    }
-    let mut child = Command::new(&path)
-        .args(["--listen", "127.0.0.1:0", "--ws", "off"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", path.display()))?;
-    let Some(stdout) = child.stdout.take() else {
-        let _ = child.kill();
-        return Err("the server's stdout is not piped".into());
-    };
-    let mut server = Server {
-        child,
-        addr: String::new(),
-    };
-
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().and_then(Result::ok).unwrap_or_default();
-    let Some(addr) = first.strip_prefix("switchboard: listening tcp=") else {
-        return Err(format!("the server said {first:?} instead of its address"));
-    };
-    server.addr = addr.trim().to_string();
-
-    // The server prints its counters now and then; a full pipe would stop it.
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok(server)
 }
