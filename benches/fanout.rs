@@ -1,6 +1,7 @@
 //! Fan-out throughput in the shapes of `nats bench`: P publishers and S subscribers on
 //! one session (1:1, 1:10, 1:100, 1:1000 and 4:4), payloads of 16 B, 128 B and 16 KiB,
-//! through the in-process transport and loopback TCP, beside a bare
+//! through in-process connections (`local/`), the in-process transport (`memory/`) and
+//! loopback TCP (`tcp/`), beside a bare
 //! `tokio::sync::broadcast` of `Bytes` doing the same work. Throughput is in
 //! deliveries: one message reaching one subscriber.
 //!
@@ -23,7 +24,10 @@ use futures::{FutureExt, StreamExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use switchboard::{Broker, Client, ClientHandle, Event, MemoryTransport, TcpTransport};
+use switchboard::{
+    Broker, Client, ClientError, ClientHandle, Event, LocalConnection, MemoryTransport,
+    TcpTransport,
+};
 use tokio::runtime::Runtime;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, Notify};
@@ -86,28 +90,62 @@ impl Tally {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Link {
+    /// Connections of the host's own process (`Broker::connect_local`).
+    Local,
+    /// Clients over the in-process transport.
     Memory,
+    /// Clients over loopback TCP.
     Tcp,
 }
 
 impl Link {
     fn name(self) -> &'static str {
         match self {
+            Link::Local => "local",
             Link::Memory => "memory",
             Link::Tcp => "tcp",
         }
     }
 }
 
+/// A publishing connection of either kind.
+#[derive(Clone)]
+enum Publisher {
+    Client(ClientHandle),
+    Local(Arc<LocalConnection>),
+}
+
+impl Publisher {
+    async fn publish(&self, session: &str, payload: Bytes) -> Result<(), ClientError> {
+        match self {
+            Publisher::Client(handle) => handle.publish(session, payload).await,
+            Publisher::Local(local) => local.publish(session, payload).await,
+        }
+    }
+}
+
+/// Adds up the messages among `events` per wake-up, not one by one, so that a
+/// thousand subscribers do not all fight over the one counter.
+async fn count<S: futures::Stream<Item = Event> + Unpin>(mut events: S, tally: Arc<Tally>) {
+    while let Some(event) = events.next().await {
+        let mut n = u64::from(matches!(event, Event::Message(_)));
+        while let Some(Some(event)) = events.next().now_or_never() {
+            n += u64::from(matches!(event, Event::Message(_)));
+        }
+        tally.add(n);
+    }
+}
+
 /// A broker with `subs` subscribers on one session and `pubs` publishers that are not
 /// members of it.
-async fn setup(link: Link, pubs: usize, subs: usize) -> (Broker, Vec<ClientHandle>, Arc<Tally>) {
+async fn setup(link: Link, pubs: usize, subs: usize) -> (Broker, Vec<Publisher>, Arc<Tally>) {
     let broker = Broker::builder().build();
     let tally = Tally::new();
     let (transport, connector) = MemoryTransport::new();
     let addr = match link {
+        Link::Local => None,
         Link::Memory => {
             tokio::spawn(broker.serve(transport));
             None
@@ -132,27 +170,31 @@ async fn setup(link: Link, pubs: usize, subs: usize) -> (Broker, Vec<ClientHandl
     };
 
     for i in 0..subs {
-        let client = connect(format!("sub{i}")).await;
+        let user = format!("sub{i}");
+        if link == Link::Local {
+            let local = broker.connect_local(&user).expect("connect");
+            local.subscribe("bench").expect("subscribe");
+            tokio::spawn(count(local, tally.clone()));
+            continue;
+        }
+        let client = connect(user).await;
         client.subscribe("bench").await.expect("subscribe");
+        let (handle, events) = client.split();
         let tally = tally.clone();
-        let (handle, mut events) = client.split();
         tokio::spawn(async move {
             // Dropping every handle would close the connection.
             let _handle = handle;
-            // Deliveries are added up per wake-up, not one by one, so that a
-            // thousand subscribers do not all fight over the one counter.
-            while let Some(event) = events.next().await {
-                let mut n = u64::from(matches!(event, Event::Message(_)));
-                while let Some(Some(event)) = events.next().now_or_never() {
-                    n += u64::from(matches!(event, Event::Message(_)));
-                }
-                tally.add(n);
-            }
+            count(events, tally).await;
         });
     }
     let mut publishers = Vec::with_capacity(pubs);
     for i in 0..pubs {
-        publishers.push(connect(format!("pub{i}")).await.handle());
+        let user = format!("pub{i}");
+        publishers.push(if link == Link::Local {
+            Publisher::Local(Arc::new(broker.connect_local(&user).expect("connect")))
+        } else {
+            Publisher::Client(connect(user).await.handle())
+        });
     }
     (broker, publishers, tally)
 }
@@ -169,7 +211,7 @@ fn broker_fanout(c: &mut Criterion) {
     let rt = Runtime::new().expect("runtime");
     let mut group = c.benchmark_group("fanout");
     configure(&mut group);
-    for link in [Link::Memory, Link::Tcp] {
+    for link in [Link::Local, Link::Memory, Link::Tcp] {
         for (pubs, subs) in SHAPES {
             let (broker, publishers, tally) = rt.block_on(setup(link, pubs, subs));
             for size in SIZES {

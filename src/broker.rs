@@ -2,10 +2,11 @@
 
 use crate::cluster::{self, Cluster, ClusterBackend, ClusterErrorInfo};
 use crate::connection::{self, ConnectionId, ConnectionState};
-use crate::error::BrokerError;
+use crate::error::{BrokerError, ClientError};
 use crate::frame::{ErrorCode, NoticeKind};
 use crate::heartbeat;
 use crate::hooks::{self, Admission, ConnectInfo, DisconnectInfo, ErrorInfo, Hooks, LagInfo};
+use crate::local::LocalConnection;
 use crate::message::Message;
 use crate::outbox::SlowConsumerPolicy;
 use crate::session::{self, Registry, Session, SessionMap};
@@ -461,7 +462,7 @@ pub(crate) struct Inner {
     /// One token per connection still reading.
     reading: TaskTracker,
     /// One task per connection.
-    connections: TaskTracker,
+    pub connections: TaskTracker,
 }
 
 impl Inner {
@@ -707,6 +708,51 @@ impl Broker {
             .connections
             .clone()
             .spawn(connection::run(inner, connection, reading));
+    }
+
+    /// Opens a connection of `user` in the host's own process: a member of sessions
+    /// and a user's connection like any other, whose events the host takes with
+    /// [`LocalConnection::recv`] straight from its outbox, with no transport, no
+    /// encoding of requests and no decoding task between. See [`crate::local`].
+    ///
+    /// The `on_connect` hook does not run: the host names the user itself. With
+    /// [`Config::replace_older_connections`], the user's older connections are
+    /// replaced as by any new one.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Refused`] with [`ErrorCode::InvalidId`] for an empty or
+    /// over-long user id, [`ErrorCode::TooManyConnections`] at
+    /// [`Config::max_connections`], and [`ErrorCode::ShuttingDown`] once shutdown has
+    /// begun.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime: a small task per local connection takes it out of the
+    /// broker when it ends.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), switchboard::ClientError> {
+    /// use switchboard::{Broker, Event};
+    ///
+    /// let broker = Broker::builder().build();
+    /// let mut bot = broker.connect_local("bot")?;
+    /// let alice = broker.connect_local("alice")?;
+    /// bot.subscribe("lobby")?;
+    /// alice.subscribe("lobby")?;
+    ///
+    /// alice.publish("lobby", "hi").await?;
+    /// let Some(Event::Message(message)) = bot.recv().await else { panic!() };
+    /// assert_eq!(&message.payload[..], b"hi");
+    /// assert_eq!(broker.stats().connections, 2);
+    ///
+    /// drop(alice);
+    /// bot.close();
+    /// assert!(matches!(bot.recv().await, Some(Event::Closed { .. })));
+    /// # Ok(()) }
+    /// ```
+    pub fn connect_local(&self, user: &str) -> Result<LocalConnection, ClientError> {
+        LocalConnection::open(&self.inner, user)
     }
 
     /// Pushes `payload` from the host to every member of `session`.

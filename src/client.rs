@@ -626,6 +626,33 @@ async fn write_loop<W: FrameWriter>(
     let _ = writer.close().await;
 }
 
+/// The notice a `NOTICE` frame carries.
+pub(crate) fn notice(
+    kind: NoticeKind,
+    request: u32,
+    count: u64,
+    subject: &Text,
+    text: &Text,
+) -> Notice {
+    match kind {
+        NoticeKind::NotDelivered => Notice::NotDelivered {
+            request,
+            user: subject.to_string(),
+        },
+        NoticeKind::SessionClosed => Notice::SessionClosed {
+            session: subject.to_string(),
+            reason: text.to_string(),
+        },
+        NoticeKind::Missed => Notice::Missed { count },
+        NoticeKind::Joined => Notice::Joined {
+            session: subject.to_string(),
+        },
+        NoticeKind::Left => Notice::Left {
+            session: subject.to_string(),
+        },
+    }
+}
+
 /// `text` as an `Arc<str>`, reusing `last` when it holds the same text.
 fn shared_str(last: &mut Option<Arc<str>>, text: &str) -> Arc<str> {
     match last {
@@ -744,23 +771,7 @@ async fn read_loop<R: FrameReader>(
                 count,
                 subject,
                 text,
-            } => Event::Notice(match kind {
-                NoticeKind::NotDelivered => Notice::NotDelivered {
-                    request,
-                    user: subject.to_string(),
-                },
-                NoticeKind::SessionClosed => Notice::SessionClosed {
-                    session: subject.to_string(),
-                    reason: text.to_string(),
-                },
-                NoticeKind::Missed => Notice::Missed { count },
-                NoticeKind::Joined => Notice::Joined {
-                    session: subject.to_string(),
-                },
-                NoticeKind::Left => Notice::Left {
-                    session: subject.to_string(),
-                },
-            }),
+            } => Event::Notice(notice(kind, request, count, &subject, &text)),
             Frame::Ping => {
                 // Only a weak sender is kept here, so that dropping every handle
                 // still closes the connection.

@@ -146,7 +146,7 @@ impl MessageKind {
         }
     }
 
-    fn from_byte(b: u8) -> Option<MessageKind> {
+    pub(crate) fn from_byte(b: u8) -> Option<MessageKind> {
         match b {
             1 => Some(MessageKind::Session),
             2 => Some(MessageKind::Direct),

@@ -44,6 +44,15 @@ impl Pulse {
         }
     }
 
+    /// A connection the idle timeout never closes: one in the host's own process
+    /// ([`crate::local`]), whose silence says nothing about its health. It is never
+    /// heard, so its last hearing stays in the future.
+    pub(crate) fn never_idle(inner: &Inner) -> Pulse {
+        let pulse = Pulse::new(inner);
+        pulse.last_heard.store(u64::MAX, Relaxed);
+        pulse
+    }
+
     /// The reader received a frame.
     pub(crate) fn heard(&self) {
         // Read first: a flag already set is left alone, so a busy reader does not

@@ -63,6 +63,7 @@
 //! - [`transport`]: where connections come from: TCP, WebSocket, in-process, or the
 //!   host's own.
 //! - [`client`]: an async client.
+//! - [`local`]: connections of the host's own process, with no transport.
 //! - [`cluster`]: several brokers as one, through a [`cluster::ClusterBackend`]; the Redis
 //!   backend is `cluster::redis` (feature `redis`).
 //! - [`hooks`], [`message`], [`stats`], [`error`]: what the host sees.
@@ -77,6 +78,7 @@ mod heartbeat;
 pub mod hooks;
 #[cfg(feature = "websocket")]
 pub mod json;
+pub mod local;
 pub mod message;
 mod outbox;
 mod session;
@@ -91,6 +93,7 @@ pub use connection::ConnectionId;
 pub use error::{BrokerError, ClientError, ReadError};
 pub use frame::ErrorCode;
 pub use hooks::{Admission, ConnectInfo, DisconnectInfo, ErrorInfo, LagInfo};
+pub use local::LocalConnection;
 pub use message::{Message, MessageKind, Target};
 pub use outbox::SlowConsumerPolicy;
 pub use session::{Session, SessionMember};

@@ -421,6 +421,12 @@ impl Outbox {
         poll_fn(|cx| self.ready.poll_wait(cx))
     }
 
+    /// [`Outbox::ready`] as a poll, for an in-process member that takes its frames
+    /// itself ([`crate::local`]).
+    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.ready.poll_wait(cx)
+    }
+
     /// Bytes queued now.
     #[cfg(test)]
     pub(crate) fn queued_bytes(&self) -> usize {

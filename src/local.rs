@@ -1,0 +1,481 @@
+//! In-process connections: the host's own code as a member of sessions, through the
+//! same session map, workers and outboxes as a network connection, without a transport.
+//!
+//! A [`LocalConnection`] is what a server-side bot, a bridge to another system or a
+//! test would otherwise get from [`Client::connect_memory`](crate::Client): a user's
+//! connection that joins sessions, publishes, sends direct messages and receives
+//! [`Event`]s. The difference is the path. A memory client's frames go through its
+//! connection's task, an in-process link and the client's reader, three hand-overs
+//! between tasks, each with its copy of the batch; a local connection's
+//! [`recv`](LocalConnection::recv) takes the frames the workers queued straight from
+//! its outbox, so a delivery costs one hand-over, from the worker to whoever awaits
+//! `recv`. Requests need no round trip either: joining a session changes the session
+//! map before [`subscribe`](LocalConnection::subscribe) returns, and a publication
+//! goes onto the ingress queue as the reader of a network connection would put it.
+//!
+//! A local connection counts against `max_connections` and
+//! `max_sessions_per_connection`, is found by [`Broker::join`](crate::Broker::join),
+//! [`Broker::disconnect`](crate::Broker::disconnect) and direct messages to its user,
+//! and its outbox is bounded like any other: one that stops calling `recv` is a slow
+//! consumer, under the broker's policy. Three things of a network connection do not
+//! apply, because the host is the peer: the `on_connect` hook does not run for it (the
+//! host chose its user), the idle timeout never closes it, and `publish_rate` does not
+//! limit it. `on_disconnect` runs when it ends, as for every connection.
+//!
+//! ```
+//! # #[tokio::main] async fn main() -> Result<(), switchboard::ClientError> {
+//! use switchboard::{Broker, Client, Event, MemoryTransport};
+//!
+//! let broker = Broker::builder().build();
+//! let (transport, connector) = MemoryTransport::new();
+//! tokio::spawn(broker.serve(transport));
+//!
+//! // A bot in the host's process, and a user over a transport.
+//! let mut bot = broker.connect_local("bot")?;
+//! bot.subscribe("lobby")?;
+//! let alice = Client::builder("alice").connect_memory(&connector).await?;
+//! alice.publish("lobby", "hello, bot").await?;
+//!
+//! let Some(Event::Message(message)) = bot.recv().await else { panic!() };
+//! assert_eq!(&*message.sender, "alice");
+//! assert_eq!(&message.payload[..], b"hello, bot");
+//! # Ok(()) }
+//! ```
+
+use crate::broker::Inner;
+use crate::client::{notice, Event};
+use crate::connection::{ConnectionId, ConnectionState, Memberships};
+use crate::error::ClientError;
+use crate::frame::{kind, ErrorCode, Frame, Text};
+use crate::heartbeat::Pulse;
+use crate::hooks::{self, DisconnectInfo};
+use crate::message::{from_unix_micros, Message, MessageKind, Target};
+use crate::outbox::{Batch, Outbox};
+use crate::session::JoinError;
+use crate::transport::WireFormat;
+use crate::worker::Job;
+use bytes::{Buf, Bytes};
+use futures::Stream;
+use parking_lot::Mutex;
+use std::collections::HashSet;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tracing::debug;
+
+/// A connection of the host's own process: a member of sessions and a user's
+/// connection, with no transport between it and the broker. Made by
+/// [`Broker::connect_local`](crate::Broker::connect_local); see the [module
+/// docs](self) for what it shares with a network connection and what not.
+///
+/// Requests take `&self`; [`recv`](LocalConnection::recv) takes `&mut self`, so one
+/// task receives. Dropping the connection closes it.
+pub struct LocalConnection {
+    inner: Arc<Inner>,
+    state: Arc<ConnectionState>,
+    next_request: AtomicU32,
+    /// Frames taken from the outbox and not yet handed out: `batch[next..]`.
+    batch: Vec<Bytes>,
+    next: usize,
+    /// The sender and target of the last delivery, shared with the next one that
+    /// repeats them instead of allocating two strings per message.
+    last_sender: Option<Arc<str>>,
+    last_target: Option<Arc<str>>,
+    /// `Event::Closed` was handed out; nothing follows.
+    ended: bool,
+}
+
+impl LocalConnection {
+    /// Registers a new local connection of `user` and starts the task that removes it
+    /// from the broker once it ends.
+    pub(crate) fn open(inner: &Arc<Inner>, user: &str) -> Result<LocalConnection, ClientError> {
+        let refused = |code, reason: String| ClientError::Refused { code, reason };
+        let config = &inner.config;
+        inner
+            .check_id("user", user)
+            .map_err(|detail| refused(ErrorCode::InvalidId, detail))?;
+        if inner.reads_stopped() {
+            return Err(refused(
+                ErrorCode::ShuttingDown,
+                "broker shutting down".into(),
+            ));
+        }
+        let Some(place) = inner.registry.reserve(config.max_connections) else {
+            let detail = format!(
+                "the broker is at its limit of {} connections",
+                config.max_connections
+            );
+            return Err(refused(ErrorCode::TooManyConnections, detail));
+        };
+
+        let id = ConnectionId(inner.next_connection.fetch_add(1, Ordering::Relaxed));
+        let format = WireFormat::Binary;
+        let state = Arc::new(ConnectionState {
+            id,
+            user: Arc::from(user),
+            format,
+            outbox: Outbox::new(config.outbox_bytes, config.slow_consumer, format),
+            memberships: Mutex::new(Memberships {
+                sessions: HashSet::new(),
+                gone: false,
+            }),
+            pulse: Pulse::never_idle(inner),
+        });
+        let older = inner.registry.insert(&state, place);
+        if config.replace_older_connections {
+            for old in older {
+                old.end(
+                    ErrorCode::Replaced,
+                    "replaced by a newer connection of the same user",
+                );
+            }
+        }
+        debug!(connection = %id, user = %state.user, "connected in process");
+        inner.connections.spawn(watch(inner.clone(), state.clone()));
+
+        Ok(LocalConnection {
+            inner: inner.clone(),
+            state,
+            next_request: AtomicU32::new(1),
+            batch: Vec::new(),
+            next: 0,
+            last_sender: None,
+            last_target: None,
+            ended: false,
+        })
+    }
+
+    /// The user this connection acts as.
+    pub fn user(&self) -> &str {
+        &self.state.user
+    }
+
+    /// The broker's id for this connection.
+    pub fn connection_id(&self) -> ConnectionId {
+        self.state.id
+    }
+
+    /// Joins `session`, creating it at its first member. The session map has changed
+    /// when this returns: a message published after it reaches this connection.
+    /// Joining a session it is in already is no error.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidId`] for an empty id or one over the broker's
+    /// `max_id_len`; [`ClientError::Rejected`] with
+    /// [`ErrorCode::TooManySessions`] at `max_sessions_per_connection`;
+    /// [`ClientError::Closed`] once the connection has ended.
+    pub fn subscribe(&self, session: &str) -> Result<(), ClientError> {
+        self.check_open()?;
+        self.check_id(session)?;
+        let limit = self.inner.config.max_sessions_per_connection;
+        match self.inner.sessions.join(&self.state, session, limit) {
+            Ok(_) => Ok(()),
+            Err(JoinError::TooMany) => Err(ClientError::Rejected {
+                code: ErrorCode::TooManySessions,
+                reason: format!("this connection is already in {limit} sessions, the limit"),
+            }),
+            Err(JoinError::Gone) => Err(self.closed()),
+        }
+    }
+
+    /// Leaves `session`; the session is freed when this was its last member. Leaving
+    /// a session it is not in is no error.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Closed`] once the connection has ended.
+    pub fn unsubscribe(&self, session: &str) -> Result<(), ClientError> {
+        self.check_open()?;
+        self.inner.sessions.leave(&self.state, session);
+        Ok(())
+    }
+
+    /// Publishes to every member of `session` but this connection. Resolves once the
+    /// message is on the ingress queue, waiting while that queue is full, exactly as
+    /// a network connection's reader would.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidId`] for a bad session id; [`ClientError::Rejected`] with
+    /// [`ErrorCode::FrameTooLarge`] for a payload over the broker's `max_frame`;
+    /// [`ClientError::Closed`] once the connection has ended or the broker is
+    /// shutting down.
+    pub async fn publish(
+        &self,
+        session: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), ClientError> {
+        let payload = self.check_message(session, payload.into())?;
+        let job = Job::Publish {
+            from: Some(self.state.clone()),
+            session: Text::from(session),
+            payload,
+        };
+        self.enqueue(session, job).await
+    }
+
+    /// Sends to every live connection of `user` but this one. Returns the request id
+    /// that a [`Notice::NotDelivered`](crate::Notice::NotDelivered) names when no
+    /// connection received it.
+    ///
+    /// # Errors
+    ///
+    /// As [`LocalConnection::publish`].
+    pub async fn send_direct(
+        &self,
+        user: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<u32, ClientError> {
+        let payload = self.check_message(user, payload.into())?;
+        let request = loop {
+            // Zero means "no request"; skip it when the counter wraps.
+            let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                break id;
+            }
+        };
+        let job = Job::Direct {
+            from: Some(self.state.clone()),
+            user: Text::from(user),
+            payload,
+            request,
+        };
+        self.enqueue(user, job).await?;
+        Ok(request)
+    }
+
+    /// Closes the connection: it leaves its sessions at once, and
+    /// [`recv`](LocalConnection::recv) still hands out what was queued for it, then
+    /// [`Event::Closed`].
+    pub fn close(&self) {
+        self.state.end(ErrorCode::Normal, "closed by the host");
+    }
+
+    /// The next event; `None` after [`Event::Closed`]. Cancel-safe: an event is taken
+    /// only when this returns it.
+    pub async fn recv(&mut self) -> Option<Event> {
+        poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        loop {
+            while let Some(frame) = self.batch.get_mut(self.next) {
+                let frame = std::mem::take(frame);
+                self.next += 1;
+                if let Some(event) = self.event(frame) {
+                    return Poll::Ready(Some(event));
+                }
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            self.batch.clear();
+            self.next = 0;
+
+            match self.state.outbox.take(&mut self.batch) {
+                Batch::Frames => {
+                    // Taken is as good as written: the frames are out of the broker's
+                    // hands, and at most one take's worth waits here.
+                    let taken = self.batch.iter().map(Bytes::len).sum();
+                    self.state.outbox.written(taken);
+                }
+                Batch::Empty => {
+                    if self.state.outbox.poll_ready(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                Batch::Quiet => self.batch = Vec::new(),
+                // The heartbeat's `PING` is for a peer across a transport.
+                Batch::Ping => {}
+                Batch::Closing(end) => {
+                    self.ended = true;
+                    self.batch = Vec::new();
+                    return Poll::Ready(Some(Event::Closed {
+                        code: end.code,
+                        reason: end.reason,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// The event one queued frame stands for. The frames are the broker's own
+    /// encoding, so none fails to decode; one that did would be skipped.
+    fn event(&mut self, frame: Bytes) -> Option<Event> {
+        if frame.get(crate::frame::LENGTH_PREFIX) == Some(&kind::DELIVER) {
+            return self.message(frame).map(Event::Message);
+        }
+        match Frame::decode_message(frame, usize::MAX).ok()? {
+            Frame::Notice {
+                kind,
+                request,
+                count,
+                subject,
+                text,
+            } => Some(Event::Notice(notice(kind, request, count, &subject, &text))),
+            Frame::Error {
+                request,
+                code,
+                reason,
+            } => Some(Event::Notice(crate::Notice::Error {
+                request,
+                code,
+                reason: reason.to_string(),
+            })),
+            _ => None,
+        }
+    }
+
+    /// A `DELIVER` frame as a message. The payload is the frame itself, advanced past
+    /// its header, so taking it costs no reference count on the buffer that every
+    /// member of the session shares; the ids are read in place.
+    fn message(&mut self, mut frame: Bytes) -> Option<Message> {
+        // length, kind, id, message kind, sent at, then the two ids.
+        const FIXED: usize = 4 + 1 + 8 + 1 + 8;
+        let bytes = &frame[..];
+        let u64_at = |at: usize| -> Option<u64> {
+            Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+        };
+        let str_at = |at: usize| -> Option<(&str, usize)> {
+            let len = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
+            let text = std::str::from_utf8(bytes.get(at + 2..at + 2 + len)?).ok()?;
+            Some((text, at + 2 + len))
+        };
+        let id = u64_at(5)?;
+        let kind = MessageKind::from_byte(*bytes.get(13)?)?;
+        let sent_at_us = u64_at(14)?;
+        let (sender, at) = str_at(FIXED)?;
+        let (target, at) = str_at(at)?;
+        let sender = shared(&mut self.last_sender, sender);
+        let target = shared(&mut self.last_target, target);
+
+        frame.advance(at);
+        Some(Message {
+            id,
+            kind,
+            sender,
+            target: match kind {
+                MessageKind::Session => Target::Session(target),
+                MessageKind::Direct => Target::User(target),
+            },
+            sent_at: from_unix_micros(sent_at_us),
+            payload: frame,
+        })
+    }
+
+    fn check_open(&self) -> Result<(), ClientError> {
+        if self.state.outbox.is_closing() {
+            return Err(self.closed());
+        }
+        Ok(())
+    }
+
+    fn check_id(&self, id: &str) -> Result<(), ClientError> {
+        self.inner
+            .check_id("", id)
+            .map_err(|_| ClientError::InvalidId(id.to_string()))
+    }
+
+    /// Checks a message before it is queued; gives its payload back.
+    fn check_message(&self, target: &str, payload: Bytes) -> Result<Bytes, ClientError> {
+        self.check_open()?;
+        self.check_id(target)?;
+        let max = self.inner.config.max_frame;
+        if payload.len() > max {
+            return Err(ClientError::Rejected {
+                code: ErrorCode::FrameTooLarge,
+                reason: format!(
+                    "payload of {} bytes is over the broker's limit of {max}",
+                    payload.len()
+                ),
+            });
+        }
+        Ok(payload)
+    }
+
+    async fn enqueue(&self, target: &str, job: Job) -> Result<(), ClientError> {
+        let inner = &self.inner;
+        let shutting_down = || ClientError::Closed {
+            code: ErrorCode::ShuttingDown,
+            reason: "broker shutting down".to_string(),
+        };
+        if inner.reads_stopped() {
+            return Err(shutting_down());
+        }
+        inner
+            .enqueue(inner.worker_for(target), job)
+            .await
+            .map_err(|_| shutting_down())
+    }
+
+    fn closed(&self) -> ClientError {
+        let end = self.state.outbox.closing();
+        ClientError::Closed {
+            code: end.as_ref().map_or(ErrorCode::Normal, |e| e.code),
+            reason: end.map_or_else(|| "closed".to_string(), |e| e.reason),
+        }
+    }
+}
+
+impl Drop for LocalConnection {
+    fn drop(&mut self) {
+        self.state.end(ErrorCode::Normal, "dropped by the host");
+    }
+}
+
+impl Stream for LocalConnection {
+    type Item = Event;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.poll_event(cx)
+    }
+}
+
+impl std::fmt::Debug for LocalConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalConnection")
+            .field("connection", &self.state.id)
+            .field("user", &self.state.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `text` as an `Arc<str>`, reusing `last` when it holds the same text.
+fn shared(last: &mut Option<Arc<str>>, text: &str) -> Arc<str> {
+    match last {
+        Some(kept) if **kept == *text => kept.clone(),
+        _ => last.insert(Arc::from(text)).clone(),
+    }
+}
+
+/// Waits until the connection ends, for whatever reason (the host closed or dropped
+/// it, it overflowed as a slow consumer, the host disconnected it, or a newer one
+/// replaced it), or until shutdown has delivered what was queued before it; then takes
+/// it out of its sessions and the registry, and tells `on_disconnect`. Frames queued
+/// for it stay in its outbox for [`LocalConnection::recv`].
+async fn watch(inner: Arc<Inner>, state: Arc<ConnectionState>) {
+    tokio::select! {
+        _ = poll_fn(|cx| state.outbox.poll_closed(cx)) => {}
+        _ = inner.drained.cancelled() => {
+            state.end(ErrorCode::ShuttingDown, "broker shutting down");
+        }
+    }
+    inner.sessions.leave_all(&state);
+    inner.registry.remove(&state);
+
+    let end = state.outbox.closing();
+    let (code, reason) = end.map_or((ErrorCode::Normal, String::new()), |e| (e.code, e.reason));
+    debug!(connection = %state.id, user = %state.user, ?code, %reason, "disconnected");
+    if let Some(hook) = &inner.hooks.on_disconnect {
+        let info = DisconnectInfo {
+            connection: state.id,
+            user: state.user.clone(),
+            code,
+            reason,
+        };
+        hooks::call("on_disconnect", &inner.counters, || hook(&info));
+    }
+}
