@@ -12,7 +12,8 @@
 //!   this program runs from, over TCP;
 //! - `nats`: the server at `--nats` (default 127.0.0.1:4222), through async-nats;
 //! - `redis`: Redis pub/sub at `--redis` (default 127.0.0.1:6379), through the redis
-//!   crate, a publisher pipelining the publishes it holds permits for;
+//!   crate, a publisher pipelining the publishes it holds permits for (paced, whatever
+//!   fell due while its last round trip was out);
 //! - `mosquitto`: the MQTT broker at `--mqtt` (default 127.0.0.1:1883), through
 //!   rumqttc, QoS 0.
 //!
@@ -867,10 +868,69 @@ fn publish_paced(
     rate: u64,
     runtime: tokio::runtime::Handle,
 ) -> (u64, Publisher) {
+    if matches!(publisher.link, Link::Redis(_)) {
+        return publish_pipelined(run, index, publisher, rate, runtime);
+    }
+    let mut batch = Vec::with_capacity(1);
+    let sent = pace(&run, rate, |seq| {
+        batch.push(run.payload(index, seq));
+        run.sent[index].store(seq, Ordering::Release);
+        match runtime.block_on(publisher.send(&run.topic, &mut batch)) {
+            Ok(()) => true,
+            Err(e) => {
+                run.fail(format!("publisher {index} cannot publish: {e}"));
+                false
+            }
+        }
+    });
+    (sent, publisher)
+}
+
+/// [`publish_paced`] for a client whose every publish waits for the server's answer
+/// (Redis): waiting for each answer before sending the next would hold the publisher
+/// below the rate whenever a round trip takes longer than the interval. Payloads go to
+/// a task that sends, in one pipeline, whatever fell due while the last round trip was
+/// out. A payload's time is taken when it falls due, so that wait counts in its
+/// latency.
+fn publish_pipelined(
+    run: Arc<Run>,
+    index: usize,
+    mut publisher: Publisher,
+    rate: u64,
+    runtime: tokio::runtime::Handle,
+) -> (u64, Publisher) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let pipelining = {
+        let run = run.clone();
+        runtime.spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, 1024).await > 0 {
+                if let Err(e) = publisher.send(&run.topic, &mut batch).await {
+                    run.fail(format!("publisher {index} cannot publish: {e}"));
+                    break;
+                }
+            }
+            publisher
+        })
+    };
+    let sent = pace(&run, rate, |seq| {
+        run.sent[index].store(seq, Ordering::Release);
+        tx.send(run.payload(index, seq)).is_ok()
+    });
+    drop(tx);
+    match runtime.block_on(pipelining) {
+        Ok(publisher) => (sent, publisher),
+        // Seen by the caller as this publisher's failure.
+        Err(e) => panic!("the pipeline of publisher {index} failed: {e}"),
+    }
+}
+
+/// Calls `send` with sequence numbers 1, 2, ... at `rate` per second, each at its due
+/// time, until publishing stops or `send` fails; returns the last number.
+fn pace(run: &Run, rate: u64, mut send: impl FnMut(u64) -> bool) -> u64 {
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = Instant::now();
     let mut seq = 0u64;
-    let mut batch = Vec::with_capacity(1);
     while !run.stopped.load(Ordering::Acquire) {
         let due = start + interval.mul_f64(seq as f64);
         let now = Instant::now();
@@ -878,14 +938,11 @@ fn publish_paced(
             std::thread::sleep(due - now);
         }
         seq += 1;
-        batch.push(run.payload(index, seq));
-        run.sent[index].store(seq, Ordering::Release);
-        if let Err(e) = runtime.block_on(publisher.send(&run.topic, &mut batch)) {
-            run.fail(format!("publisher {index} cannot publish: {e}"));
+        if !send(seq) {
             break;
         }
     }
-    (seq, publisher)
+    seq
 }
 
 /// What one subscriber saw.
