@@ -135,6 +135,49 @@ async fn ending_a_local_connection_from_the_host_while_it_receives_and_is_joined
     t.wait_until_empty().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_racing_the_hosts_joins_leaves_the_connection_in_no_session() {
+    let t = TestBroker::start().await;
+    for round in 0..200 {
+        let bot = Arc::new(t.broker.connect_local(&format!("bot-{round}")).unwrap());
+        let id = bot.connection_id();
+        let broker = t.broker.clone();
+        let joining = tokio::spawn(async move {
+            for n in 0..20 {
+                let session = format!("room-{}", n % 4);
+                broker.join(id, &session).unwrap();
+                if n % 3 == 0 {
+                    broker.close_session(&session, "again");
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        let subscribing = tokio::spawn({
+            let bot = bot.clone();
+            async move {
+                for n in 0..20 {
+                    if bot.subscribe(&format!("own-{n}")).is_err() {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        bot.close();
+        within("the joins", joining).await.unwrap();
+        within("the subscribes", subscribing).await.unwrap();
+
+        assert_eq!(t.broker.join(id, "after").unwrap(), 0);
+        assert_eq!(
+            t.broker.stats().sessions,
+            0,
+            "a closed connection is in a session"
+        );
+    }
+    t.wait_until_empty().await;
+}
+
 #[test]
 fn a_disconnect_hook_that_panics_is_counted_and_the_broker_goes_on() {
     let panics = run_counting_panics("local-hook-panic", Duration::from_secs(30), || async {
