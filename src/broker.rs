@@ -15,7 +15,7 @@ use crate::transport::{Connection, FrameReader, FrameWriter, Transport};
 use crate::worker::{self, Job};
 use bytes::Bytes;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
@@ -478,6 +478,31 @@ impl Inner {
             .map_err(|_| BrokerError::ShuttingDown)
     }
 
+    /// Queues a job that the host's own code sends (through [`Broker::publish`] and
+    /// [`Broker::send_to`], or a local connection), unless shutdown has begun; waits
+    /// while the worker's queue is full.
+    ///
+    /// A job this takes is one shutdown delivers: shutdown waits for the call, as it
+    /// waits for a connection's reader, before it queues the marker that comes out
+    /// behind everything. Checking for shutdown and then queueing, with nothing held,
+    /// would let a job slip in behind that marker and reach outboxes already closing.
+    pub(crate) async fn enqueue_unless_stopped(
+        &self,
+        worker: usize,
+        job: Job,
+    ) -> Result<(), BrokerError> {
+        let reading = self.reading.token();
+        // Pairs with the fence in `shutdown`: either this sees shutdown begun, or
+        // shutdown's wait for readers sees this token.
+        fence(Ordering::SeqCst);
+        if self.reads_stopped() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let sent = self.enqueue(worker, job).await;
+        drop(reading);
+        sent
+    }
+
     /// Whether readers are to stop: shutdown has begun.
     pub(crate) fn reads_stopped(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
@@ -876,9 +901,6 @@ impl Broker {
                 max: inner.config.max_frame,
             });
         }
-        if inner.shutting_down.load(Ordering::Acquire) {
-            return Err(BrokerError::ShuttingDown);
-        }
         let job = if session {
             Job::Publish {
                 from: None,
@@ -893,7 +915,9 @@ impl Broker {
                 request: 0,
             }
         };
-        inner.enqueue(inner.worker_for(target), job).await
+        inner
+            .enqueue_unless_stopped(inner.worker_for(target), job)
+            .await
     }
 
     /// Adds every live connection of a user, or one connection, to `session`, which
@@ -1187,7 +1211,9 @@ impl Broker {
     /// 5 s for its backend. From the moment shutdown begins,
     /// [`publish`](Broker::publish) and [`send_to`](Broker::send_to) fail with
     /// [`BrokerError::ShuttingDown`] and [`accept`](Broker::accept) refuses every
-    /// connection. A broker that has shut down stays down.
+    /// connection. A call that began before and still waits for room on the ingress
+    /// queue, from the host or from a [`LocalConnection`], is waited for, and its
+    /// message delivered. A broker that has shut down stays down.
     ///
     /// ```
     /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -1221,6 +1247,8 @@ impl Broker {
             inner.finished.cancelled().await;
             return;
         }
+        // Pairs with the fence in `Inner::enqueue_unless_stopped`.
+        fence(Ordering::SeqCst);
         info!(connections = inner.registry.connections(), "shutting down");
 
         // 1. No new connections, no new frames.

@@ -22,6 +22,12 @@
 //! host chose its user), the idle timeout never closes it, and `publish_rate` does not
 //! limit it. `on_disconnect` runs when it ends, as for every connection.
 //!
+//! One task receives, since [`recv`](LocalConnection::recv) takes `&mut self`. A bot
+//! that also sends on behalf of other tasks (a timer, the host's own events) keeps the
+//! connection in its receiving task and selects over `recv` and a channel of its own.
+//! A second local connection of the same user is no substitute: it is another member,
+//! so it receives what the first one publishes.
+//!
 //! ```
 //! # #[tokio::main] async fn main() -> Result<(), switchboard::ClientError> {
 //! use switchboard::{Broker, Client, Event, MemoryTransport};
@@ -71,7 +77,8 @@ use tracing::debug;
 /// docs](self) for what it shares with a network connection and what not.
 ///
 /// Requests take `&self`; [`recv`](LocalConnection::recv) takes `&mut self`, so one
-/// task receives. Dropping the connection closes it.
+/// task receives. Dropping the connection closes it, as
+/// [`close`](LocalConnection::close) does.
 pub struct LocalConnection {
     inner: Arc<Inner>,
     state: Arc<ConnectionState>,
@@ -93,6 +100,9 @@ impl LocalConnection {
     pub(crate) fn open(inner: &Arc<Inner>, user: &str) -> Result<LocalConnection, ClientError> {
         let refused = |code, reason: String| ClientError::Refused { code, reason };
         let config = &inner.config;
+        // Outside a runtime the task below cannot start: fail before anything is
+        // registered, rather than leave a connection nothing would ever take out.
+        let runtime = tokio::runtime::Handle::current();
         inner
             .check_id("user", user)
             .map_err(|detail| refused(ErrorCode::InvalidId, detail))?;
@@ -133,7 +143,9 @@ impl LocalConnection {
             }
         }
         debug!(connection = %id, user = %state.user, "connected in process");
-        inner.connections.spawn(watch(inner.clone(), state.clone()));
+        inner
+            .connections
+            .spawn_on(watch(inner.clone(), state.clone()), &runtime);
 
         Ok(LocalConnection {
             inner: inner.clone(),
@@ -195,7 +207,9 @@ impl LocalConnection {
 
     /// Publishes to every member of `session` but this connection. Resolves once the
     /// message is on the ingress queue, waiting while that queue is full, exactly as
-    /// a network connection's reader would.
+    /// a network connection's reader would. Messages published one after another,
+    /// each call awaited before the next, reach every member in that order. A call
+    /// dropped before it resolves queues nothing.
     ///
     /// # Errors
     ///
@@ -247,15 +261,31 @@ impl LocalConnection {
         Ok(request)
     }
 
-    /// Closes the connection: it leaves its sessions at once, and
+    /// Closes the connection: before this returns it has left its sessions and no
+    /// longer counts against `max_connections`, and
     /// [`recv`](LocalConnection::recv) still hands out what was queued for it, then
-    /// [`Event::Closed`].
+    /// [`Event::Closed`]. `on_disconnect` runs a moment later, on the broker's task.
     pub fn close(&self) {
-        self.state.end(ErrorCode::Normal, "closed by the host");
+        self.end(ErrorCode::Normal, "closed by the host");
+    }
+
+    /// Ends the connection and takes it out of its sessions and the registry before
+    /// returning, so that nothing sent after it is offered to it and its place among
+    /// `max_connections` is free again; `watch` then runs `on_disconnect`.
+    fn end(&self, code: ErrorCode, reason: &str) {
+        self.state.end(code, reason);
+        self.inner.sessions.leave_all(&self.state);
+        self.inner.registry.remove(&self.state);
     }
 
     /// The next event; `None` after [`Event::Closed`]. Cancel-safe: an event is taken
     /// only when this returns it.
+    ///
+    /// The events are those of a [`Client`](crate::Client): messages, the notices of
+    /// the host's changes to its sessions, of messages it missed under a dropping
+    /// policy and of direct messages nobody received, and the close. A local
+    /// connection's requests are checked as they are made, so no
+    /// [`Notice::Error`](crate::Notice::Error) comes for them.
     pub async fn recv(&mut self) -> Option<Event> {
         poll_fn(|cx| self.poll_event(cx)).await
     }
@@ -398,17 +428,13 @@ impl LocalConnection {
 
     async fn enqueue(&self, target: &str, job: Job) -> Result<(), ClientError> {
         let inner = &self.inner;
-        let shutting_down = || ClientError::Closed {
-            code: ErrorCode::ShuttingDown,
-            reason: "broker shutting down".to_string(),
-        };
-        if inner.reads_stopped() {
-            return Err(shutting_down());
-        }
         inner
-            .enqueue(inner.worker_for(target), job)
+            .enqueue_unless_stopped(inner.worker_for(target), job)
             .await
-            .map_err(|_| shutting_down())
+            .map_err(|_| ClientError::Closed {
+                code: ErrorCode::ShuttingDown,
+                reason: "broker shutting down".to_string(),
+            })
     }
 
     fn closed(&self) -> ClientError {
@@ -422,7 +448,7 @@ impl LocalConnection {
 
 impl Drop for LocalConnection {
     fn drop(&mut self) {
-        self.state.end(ErrorCode::Normal, "dropped by the host");
+        self.end(ErrorCode::Normal, "dropped by the host");
     }
 }
 
