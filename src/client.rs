@@ -654,7 +654,7 @@ pub(crate) fn notice(
 }
 
 /// `text` as an `Arc<str>`, reusing `last` when it holds the same text.
-fn shared_str(last: &mut Option<Arc<str>>, text: &str) -> Arc<str> {
+pub(crate) fn shared_str(last: &mut Option<Arc<str>>, text: &str) -> Arc<str> {
     match last {
         Some(kept) if **kept == *text => kept.clone(),
         _ => last.insert(Arc::from(text)).clone(),

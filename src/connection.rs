@@ -387,7 +387,22 @@ async fn handshake<R: FrameReader>(
         )));
     }
 
-    let format = reader.format();
+    let pulse = Pulse::new(inner);
+    Ok(register(inner, id, user, reader.format(), pulse, place))
+}
+
+/// Registers a connection in the place it reserved, once its user is known (after the
+/// handshake, or at once for a local connection), and ends the user's older
+/// connections when the broker replaces them.
+pub(crate) fn register(
+    inner: &Inner,
+    id: ConnectionId,
+    user: Arc<str>,
+    format: WireFormat,
+    pulse: Pulse,
+    place: Place<'_>,
+) -> Arc<ConnectionState> {
+    let config = &inner.config;
     let state = Arc::new(ConnectionState {
         id,
         user,
@@ -397,7 +412,7 @@ async fn handshake<R: FrameReader>(
             sessions: HashSet::new(),
             gone: false,
         }),
-        pulse: Pulse::new(inner),
+        pulse,
     });
     let older = inner.registry.insert(&state, place);
     if config.replace_older_connections {
@@ -408,8 +423,7 @@ async fn handshake<R: FrameReader>(
             );
         }
     }
-
-    Ok(state)
+    state
 }
 
 /// The largest first frame worth reading: a HELLO with the longest user id and token.

@@ -49,21 +49,19 @@
 //! ```
 
 use crate::broker::Inner;
-use crate::client::{notice, Event};
-use crate::connection::{ConnectionId, ConnectionState, Memberships};
+use crate::client::{notice, shared_str, Event};
+use crate::connection::{self, ConnectionId, ConnectionState};
 use crate::error::ClientError;
 use crate::frame::{kind, ErrorCode, Frame, Text};
 use crate::heartbeat::Pulse;
 use crate::hooks::{self, DisconnectInfo};
 use crate::message::{from_unix_micros, Message, MessageKind, Target};
-use crate::outbox::{Batch, Outbox};
+use crate::outbox::Batch;
 use crate::session::JoinError;
 use crate::transport::WireFormat;
 use crate::worker::Job;
 use bytes::{Buf, Bytes};
 use futures::Stream;
-use parking_lot::Mutex;
-use std::collections::HashSet;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -121,27 +119,9 @@ impl LocalConnection {
         };
 
         let id = ConnectionId(inner.next_connection.fetch_add(1, Ordering::Relaxed));
-        let format = WireFormat::Binary;
-        let state = Arc::new(ConnectionState {
-            id,
-            user: Arc::from(user),
-            format,
-            outbox: Outbox::new(config.outbox_bytes, config.slow_consumer, format),
-            memberships: Mutex::new(Memberships {
-                sessions: HashSet::new(),
-                gone: false,
-            }),
-            pulse: Pulse::never_idle(inner),
-        });
-        let older = inner.registry.insert(&state, place);
-        if config.replace_older_connections {
-            for old in older {
-                old.end(
-                    ErrorCode::Replaced,
-                    "replaced by a newer connection of the same user",
-                );
-            }
-        }
+        let pulse = Pulse::never_idle(inner);
+        let state =
+            connection::register(inner, id, Arc::from(user), WireFormat::Binary, pulse, place);
         debug!(connection = %id, user = %state.user, "connected in process");
         inner
             .connections
@@ -379,8 +359,8 @@ impl LocalConnection {
         let sent_at_us = u64_at(14)?;
         let (sender, at) = str_at(FIXED)?;
         let (target, at) = str_at(at)?;
-        let sender = shared(&mut self.last_sender, sender);
-        let target = shared(&mut self.last_target, target);
+        let sender = shared_str(&mut self.last_sender, sender);
+        let target = shared_str(&mut self.last_target, target);
 
         frame.advance(at);
         Some(Message {
@@ -466,14 +446,6 @@ impl std::fmt::Debug for LocalConnection {
             .field("connection", &self.state.id)
             .field("user", &self.state.user)
             .finish_non_exhaustive()
-    }
-}
-
-/// `text` as an `Arc<str>`, reusing `last` when it holds the same text.
-fn shared(last: &mut Option<Arc<str>>, text: &str) -> Arc<str> {
-    match last {
-        Some(kept) if **kept == *text => kept.clone(),
-        _ => last.insert(Arc::from(text)).clone(),
     }
 }
 
