@@ -93,7 +93,7 @@ pub use connection::ConnectionId;
 pub use error::{BrokerError, ClientError, ReadError};
 pub use frame::ErrorCode;
 pub use hooks::{Admission, ConnectInfo, DisconnectInfo, ErrorInfo, LagInfo};
-pub use local::LocalConnection;
+pub use local::{LocalConnection, LocalHandle};
 pub use message::{Message, MessageKind, Target};
 pub use outbox::SlowConsumerPolicy;
 pub use session::{Session, SessionMember};

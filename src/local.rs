@@ -10,7 +10,7 @@
 //! [`recv`](LocalConnection::recv) takes the frames the workers queued straight from
 //! its outbox, so a delivery costs one hand-over, from the worker to whoever awaits
 //! `recv`. Requests need no round trip either: joining a session changes the session
-//! map before [`subscribe`](LocalConnection::subscribe) returns, and a publication
+//! map before [`subscribe`](LocalHandle::subscribe) returns, and a publication
 //! goes onto the ingress queue as the reader of a network connection would put it.
 //!
 //! A local connection counts against `max_connections` and
@@ -22,11 +22,11 @@
 //! host chose its user), the idle timeout never closes it, and `publish_rate` does not
 //! limit it. `on_disconnect` runs when it ends, as for every connection.
 //!
-//! One task receives, since [`recv`](LocalConnection::recv) takes `&mut self`. A bot
-//! that also sends on behalf of other tasks (a timer, the host's own events) keeps the
-//! connection in its receiving task and selects over `recv` and a channel of its own.
-//! A second local connection of the same user is no substitute: it is another member,
-//! so it receives what the first one publishes.
+//! One task receives, since [`recv`](LocalConnection::recv) takes `&mut self`; other
+//! tasks send through a [`LocalHandle`] from [`LocalConnection::handle`], the same
+//! connection's requests. The connection lives as long as its `LocalConnection`. A
+//! second local connection of the same user is no substitute for a handle: it is
+//! another member, so it receives what the first one publishes.
 //!
 //! ```
 //! # #[tokio::main] async fn main() -> Result<(), switchboard::ClientError> {
@@ -74,13 +74,15 @@ use tracing::debug;
 /// [`Broker::connect_local`](crate::Broker::connect_local); see the [module
 /// docs](self) for what it shares with a network connection and what not.
 ///
-/// Requests take `&self`; [`recv`](LocalConnection::recv) takes `&mut self`, so one
-/// task receives. Dropping the connection closes it, as
-/// [`close`](LocalConnection::close) does.
+/// [`recv`](LocalConnection::recv) takes `&mut self`, so one task receives. The
+/// requests are [`LocalHandle`]'s, which this dereferences to; [`handle`] gives a
+/// clone for other tasks. The connection lives as long as this value: dropping it
+/// closes the connection, as [`close`](LocalHandle::close) does, and handles left over
+/// then fail with [`ClientError::Closed`].
+///
+/// [`handle`]: LocalConnection::handle
 pub struct LocalConnection {
-    inner: Arc<Inner>,
-    state: Arc<ConnectionState>,
-    next_request: AtomicU32,
+    handle: LocalHandle,
     /// Frames taken from the outbox and not yet handed out: `batch[next..]`.
     batch: Vec<Bytes>,
     next: usize,
@@ -90,6 +92,23 @@ pub struct LocalConnection {
     last_target: Option<Arc<str>>,
     /// `Event::Closed` was handed out; nothing follows.
     ended: bool,
+}
+
+/// The request side of a [`LocalConnection`]: joining and leaving sessions, publishing
+/// and direct messages, from any task. Cheap to clone.
+///
+/// A handle does not keep the connection open: once its [`LocalConnection`] is
+/// dropped or closed, every request fails with [`ClientError::Closed`].
+#[derive(Clone)]
+pub struct LocalHandle {
+    core: Arc<Core>,
+}
+
+/// What the handles of one local connection share.
+struct Core {
+    inner: Arc<Inner>,
+    state: Arc<ConnectionState>,
+    next_request: AtomicU32,
 }
 
 impl LocalConnection {
@@ -128,9 +147,13 @@ impl LocalConnection {
             .spawn_on(watch(inner.clone(), state.clone()), &runtime);
 
         Ok(LocalConnection {
-            inner: inner.clone(),
-            state,
-            next_request: AtomicU32::new(1),
+            handle: LocalHandle {
+                core: Arc::new(Core {
+                    inner: inner.clone(),
+                    state,
+                    next_request: AtomicU32::new(1),
+                }),
+            },
             batch: Vec::new(),
             next: 0,
             last_sender: None,
@@ -139,123 +162,9 @@ impl LocalConnection {
         })
     }
 
-    /// The user this connection acts as.
-    pub fn user(&self) -> &str {
-        &self.state.user
-    }
-
-    /// The broker's id for this connection.
-    pub fn connection_id(&self) -> ConnectionId {
-        self.state.id
-    }
-
-    /// Joins `session`, creating it at its first member. The session map has changed
-    /// when this returns: a message published after it reaches this connection.
-    /// Joining a session it is in already is no error.
-    ///
-    /// # Errors
-    ///
-    /// [`ClientError::InvalidId`] for an empty id or one over the broker's
-    /// `max_id_len`; [`ClientError::Rejected`] with
-    /// [`ErrorCode::TooManySessions`] at `max_sessions_per_connection`;
-    /// [`ClientError::Closed`] once the connection has ended.
-    pub fn subscribe(&self, session: &str) -> Result<(), ClientError> {
-        self.check_open()?;
-        self.check_id(session)?;
-        let limit = self.inner.config.max_sessions_per_connection;
-        match self.inner.sessions.join(&self.state, session, limit) {
-            Ok(_) => Ok(()),
-            Err(JoinError::TooMany) => Err(ClientError::Rejected {
-                code: ErrorCode::TooManySessions,
-                reason: format!("this connection is already in {limit} sessions, the limit"),
-            }),
-            Err(JoinError::Gone) => Err(self.closed()),
-        }
-    }
-
-    /// Leaves `session`; the session is freed when this was its last member. Leaving
-    /// a session it is not in is no error.
-    ///
-    /// # Errors
-    ///
-    /// [`ClientError::Closed`] once the connection has ended.
-    pub fn unsubscribe(&self, session: &str) -> Result<(), ClientError> {
-        self.check_open()?;
-        self.inner.sessions.leave(&self.state, session);
-        Ok(())
-    }
-
-    /// Publishes to every member of `session` but this connection. Resolves once the
-    /// message is on the ingress queue, waiting while that queue is full, exactly as
-    /// a network connection's reader would. Messages published one after another,
-    /// each call awaited before the next, reach every member in that order. A call
-    /// dropped before it resolves queues nothing.
-    ///
-    /// # Errors
-    ///
-    /// [`ClientError::InvalidId`] for a bad session id; [`ClientError::Rejected`] with
-    /// [`ErrorCode::FrameTooLarge`] for a payload over the broker's `max_frame`;
-    /// [`ClientError::Closed`] once the connection has ended or the broker is
-    /// shutting down.
-    pub async fn publish(
-        &self,
-        session: &str,
-        payload: impl Into<Bytes>,
-    ) -> Result<(), ClientError> {
-        let payload = self.check_message(session, payload.into())?;
-        let job = Job::Publish {
-            from: Some(self.state.clone()),
-            session: Text::from(session),
-            payload,
-        };
-        self.enqueue(session, job).await
-    }
-
-    /// Sends to every live connection of `user` but this one. Returns the request id
-    /// that a [`Notice::NotDelivered`](crate::Notice::NotDelivered) names when no
-    /// connection received it.
-    ///
-    /// # Errors
-    ///
-    /// As [`LocalConnection::publish`].
-    pub async fn send_direct(
-        &self,
-        user: &str,
-        payload: impl Into<Bytes>,
-    ) -> Result<u32, ClientError> {
-        let payload = self.check_message(user, payload.into())?;
-        let request = loop {
-            // Zero means "no request"; skip it when the counter wraps.
-            let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-            if id != 0 {
-                break id;
-            }
-        };
-        let job = Job::Direct {
-            from: Some(self.state.clone()),
-            user: Text::from(user),
-            payload,
-            request,
-        };
-        self.enqueue(user, job).await?;
-        Ok(request)
-    }
-
-    /// Closes the connection: before this returns it has left its sessions and no
-    /// longer counts against `max_connections`, and
-    /// [`recv`](LocalConnection::recv) still hands out what was queued for it, then
-    /// [`Event::Closed`]. `on_disconnect` runs a moment later, on the broker's task.
-    pub fn close(&self) {
-        self.end(ErrorCode::Normal, "closed by the host");
-    }
-
-    /// Ends the connection and takes it out of its sessions and the registry before
-    /// returning, so that nothing sent after it is offered to it and its place among
-    /// `max_connections` is free again; `watch` then runs `on_disconnect`.
-    fn end(&self, code: ErrorCode, reason: &str) {
-        self.state.end(code, reason);
-        self.inner.sessions.leave_all(&self.state);
-        self.inner.registry.remove(&self.state);
+    /// A handle for requests from other tasks.
+    pub fn handle(&self) -> LocalHandle {
+        self.handle.clone()
     }
 
     /// The next event; `None` after [`Event::Closed`]. Cancel-safe: an event is taken
@@ -285,15 +194,15 @@ impl LocalConnection {
             self.batch.clear();
             self.next = 0;
 
-            match self.state.outbox.take(&mut self.batch) {
+            match self.handle.core.state.outbox.take(&mut self.batch) {
                 Batch::Frames => {
                     // Taken is as good as written: the frames are out of the broker's
                     // hands, and at most one take's worth waits here.
                     let taken = self.batch.iter().map(Bytes::len).sum();
-                    self.state.outbox.written(taken);
+                    self.handle.core.state.outbox.written(taken);
                 }
                 Batch::Empty => {
-                    if self.state.outbox.poll_ready(cx).is_pending() {
+                    if self.handle.core.state.outbox.poll_ready(cx).is_pending() {
                         return Poll::Pending;
                     }
                 }
@@ -375,16 +284,143 @@ impl LocalConnection {
             payload: frame,
         })
     }
+}
+
+impl LocalHandle {
+    /// The user this connection acts as.
+    pub fn user(&self) -> &str {
+        &self.core.state.user
+    }
+
+    /// The broker's id for this connection.
+    pub fn connection_id(&self) -> ConnectionId {
+        self.core.state.id
+    }
+
+    /// Joins `session`, creating it at its first member. The session map has changed
+    /// when this returns: a message published after it reaches this connection.
+    /// Joining a session it is in already is no error.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidId`] for an empty id or one over the broker's
+    /// `max_id_len`; [`ClientError::Rejected`] with
+    /// [`ErrorCode::TooManySessions`] at `max_sessions_per_connection`;
+    /// [`ClientError::Closed`] once the connection has ended.
+    pub fn subscribe(&self, session: &str) -> Result<(), ClientError> {
+        self.check_open()?;
+        self.check_id(session)?;
+        let limit = self.core.inner.config.max_sessions_per_connection;
+        match self
+            .core
+            .inner
+            .sessions
+            .join(&self.core.state, session, limit)
+        {
+            Ok(_) => Ok(()),
+            Err(JoinError::TooMany) => Err(ClientError::Rejected {
+                code: ErrorCode::TooManySessions,
+                reason: format!("this connection is already in {limit} sessions, the limit"),
+            }),
+            Err(JoinError::Gone) => Err(self.closed()),
+        }
+    }
+
+    /// Leaves `session`; the session is freed when this was its last member. Leaving
+    /// a session it is not in is no error.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Closed`] once the connection has ended.
+    pub fn unsubscribe(&self, session: &str) -> Result<(), ClientError> {
+        self.check_open()?;
+        self.core.inner.sessions.leave(&self.core.state, session);
+        Ok(())
+    }
+
+    /// Publishes to every member of `session` but this connection. Resolves once the
+    /// message is on the ingress queue, waiting while that queue is full, exactly as
+    /// a network connection's reader would. Messages published one after another,
+    /// each call awaited before the next, reach every member in that order. A call
+    /// dropped before it resolves queues nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidId`] for a bad session id; [`ClientError::Rejected`] with
+    /// [`ErrorCode::FrameTooLarge`] for a payload over the broker's `max_frame`;
+    /// [`ClientError::Closed`] once the connection has ended or the broker is
+    /// shutting down.
+    pub async fn publish(
+        &self,
+        session: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), ClientError> {
+        let payload = self.check_message(session, payload.into())?;
+        let job = Job::Publish {
+            from: Some(self.core.state.clone()),
+            session: Text::from(session),
+            payload,
+        };
+        self.enqueue(session, job).await
+    }
+
+    /// Sends to every live connection of `user` but this one. Returns the request id
+    /// that a [`Notice::NotDelivered`](crate::Notice::NotDelivered) names when no
+    /// connection received it.
+    ///
+    /// # Errors
+    ///
+    /// As [`LocalHandle::publish`].
+    pub async fn send_direct(
+        &self,
+        user: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<u32, ClientError> {
+        let payload = self.check_message(user, payload.into())?;
+        let request = loop {
+            // Zero means "no request"; skip it when the counter wraps.
+            let id = self.core.next_request.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                break id;
+            }
+        };
+        let job = Job::Direct {
+            from: Some(self.core.state.clone()),
+            user: Text::from(user),
+            payload,
+            request,
+        };
+        self.enqueue(user, job).await?;
+        Ok(request)
+    }
+
+    /// Closes the connection: before this returns it has left its sessions and no
+    /// longer counts against `max_connections`, and
+    /// [`recv`](LocalConnection::recv) still hands out what was queued for it, then
+    /// [`Event::Closed`]. `on_disconnect` runs a moment later, on the broker's task.
+    pub fn close(&self) {
+        self.end(ErrorCode::Normal, "closed by the host");
+    }
+
+    /// Ends the connection and takes it out of its sessions and the registry before
+    /// returning, so that nothing sent after it is offered to it and its place among
+    /// `max_connections` is free again; `watch` then runs `on_disconnect`.
+    fn end(&self, code: ErrorCode, reason: &str) {
+        self.core.state.end(code, reason);
+        self.core.inner.sessions.leave_all(&self.core.state);
+        self.core.inner.registry.remove(&self.core.state);
+    }
 
     fn check_open(&self) -> Result<(), ClientError> {
-        if self.state.outbox.is_closing() {
+        if self.core.state.outbox.is_closing() {
             return Err(self.closed());
         }
         Ok(())
     }
 
     fn check_id(&self, id: &str) -> Result<(), ClientError> {
-        self.inner
+        self.core
+            .inner
             .check_id("", id)
             .map_err(|_| ClientError::InvalidId(id.to_string()))
     }
@@ -393,7 +429,7 @@ impl LocalConnection {
     fn check_message(&self, target: &str, payload: Bytes) -> Result<Bytes, ClientError> {
         self.check_open()?;
         self.check_id(target)?;
-        let max = self.inner.config.max_frame;
+        let max = self.core.inner.config.max_frame;
         if payload.len() > max {
             return Err(ClientError::Rejected {
                 code: ErrorCode::FrameTooLarge,
@@ -407,7 +443,7 @@ impl LocalConnection {
     }
 
     async fn enqueue(&self, target: &str, job: Job) -> Result<(), ClientError> {
-        let inner = &self.inner;
+        let inner = &self.core.inner;
         inner
             .enqueue_unless_stopped(inner.worker_for(target), job)
             .await
@@ -418,7 +454,7 @@ impl LocalConnection {
     }
 
     fn closed(&self) -> ClientError {
-        let end = self.state.outbox.closing();
+        let end = self.core.state.outbox.closing();
         ClientError::Closed {
             code: end.as_ref().map_or(ErrorCode::Normal, |e| e.code),
             reason: end.map_or_else(|| "closed".to_string(), |e| e.reason),
@@ -428,7 +464,15 @@ impl LocalConnection {
 
 impl Drop for LocalConnection {
     fn drop(&mut self) {
-        self.end(ErrorCode::Normal, "dropped by the host");
+        self.handle.end(ErrorCode::Normal, "dropped by the host");
+    }
+}
+
+impl std::ops::Deref for LocalConnection {
+    type Target = LocalHandle;
+
+    fn deref(&self) -> &LocalHandle {
+        &self.handle
     }
 }
 
@@ -443,8 +487,17 @@ impl Stream for LocalConnection {
 impl std::fmt::Debug for LocalConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalConnection")
-            .field("connection", &self.state.id)
-            .field("user", &self.state.user)
+            .field("connection", &self.handle.core.state.id)
+            .field("user", &self.handle.core.state.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for LocalHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalHandle")
+            .field("connection", &self.core.state.id)
+            .field("user", &self.core.state.user)
             .finish_non_exhaustive()
     }
 }

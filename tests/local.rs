@@ -410,3 +410,47 @@ async fn closed(local: &mut switchboard::LocalConnection) -> (ErrorCode, String)
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_sends_from_another_task_and_fails_once_its_connection_is_dropped() {
+    let t = TestBroker::start().await;
+    let mut bot = t.broker.connect_local("bot").unwrap();
+    bot.subscribe("room").unwrap();
+    let mut alice = t.connect(Link::Tcp, "alice").await;
+    within("subscribe", alice.subscribe("room")).await.unwrap();
+
+    // One task receives while another sends as the same connection.
+    let handle = bot.handle();
+    assert_eq!(handle.connection_id(), bot.connection_id());
+    let sender = tokio::spawn(async move {
+        for n in 0..100u32 {
+            handle
+                .publish("room", n.to_be_bytes().to_vec())
+                .await
+                .unwrap();
+        }
+        handle
+    });
+    for n in 0..100u32 {
+        let message = next_message(&mut alice).await;
+        assert_eq!(&*message.sender, "bot");
+        assert_eq!(message.payload[..], n.to_be_bytes());
+    }
+    let handle = within("the sender", sender).await.unwrap();
+    alice.publish("room", "to the bot").await.unwrap();
+    assert_eq!(next_payload(&mut bot).await, "to the bot");
+    // The connection's own publications reached it through neither side.
+    expect_quiet(&mut bot).await;
+
+    // The handle does not keep the connection open.
+    drop(bot);
+    assert_eq!(t.broker.session("room").map(|s| s.members.len()), Some(1));
+    assert!(matches!(
+        handle.publish("room", "too late").await,
+        Err(ClientError::Closed { .. })
+    ));
+    assert!(matches!(
+        handle.subscribe("room"),
+        Err(ClientError::Closed { .. })
+    ));
+}
