@@ -530,3 +530,65 @@ async fn watch(inner: Arc<Inner>, state: Arc<ConnectionState>) {
         hooks::call("on_disconnect", &inner.counters, || hook(&info));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::Broker;
+    use crate::frame::encode_deliver;
+    use crate::message::unix_micros;
+    use proptest::prelude::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    proptest! {
+        /// The local reader reads a `DELIVER` in place; it must agree with the frame
+        /// decoder on every message the broker can encode, and share the ids of
+        /// consecutive deliveries that repeat them.
+        #[test]
+        fn the_in_place_reading_of_a_deliver_agrees_with_the_decoder(
+            id in any::<u64>(),
+            direct in any::<bool>(),
+            sent_at_us in 0u64..(1 << 52),
+            sender in ".{0,40}",
+            target in ".{1,40}",
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let _entered = runtime.enter();
+            let broker = Broker::builder().build();
+            let mut local = broker.connect_local("reader").unwrap();
+
+            let kind = if direct { MessageKind::Direct } else { MessageKind::Session };
+            let frame = encode_deliver(id, kind, sent_at_us, &sender, &target, &payload);
+            let first = local.message(frame.clone()).expect("a valid DELIVER");
+            let Ok(Frame::Deliver { id: decoded_id, sender: s, target: t, payload: p, .. }) =
+                Frame::decode_message(frame.clone(), usize::MAX)
+            else {
+                panic!("the decoder refused what the encoder wrote");
+            };
+            prop_assert_eq!(first.id, decoded_id);
+            prop_assert_eq!(first.kind, kind);
+            prop_assert_eq!(&*first.sender, s.as_str());
+            prop_assert_eq!(first.target.id(), t.as_str());
+            prop_assert_eq!(&first.payload, &p);
+            prop_assert_eq!(unix_micros(first.sent_at), sent_at_us);
+            prop_assert_eq!(first.sent_at, UNIX_EPOCH + Duration::from_micros(sent_at_us));
+
+            let second = local.message(frame).expect("a valid DELIVER");
+            prop_assert!(Arc::ptr_eq(&first.sender, &second.sender));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_truncated_deliver_is_skipped_not_read_past_its_end() {
+        let broker = Broker::builder().build();
+        let mut local = broker.connect_local("reader").unwrap();
+        let frame = encode_deliver(7, MessageKind::Session, 1, "alice", "room", b"hello");
+        // Every cut through the header leaves too little to read; none panics.
+        for cut in 0..frame.len() - b"hello".len() {
+            assert_eq!(local.message(frame.slice(..cut)), None, "cut at {cut}");
+        }
+        let whole = local.message(frame).expect("the whole frame");
+        assert_eq!(&whole.payload[..], b"hello");
+    }
+}
