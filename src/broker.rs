@@ -1199,6 +1199,9 @@ impl Broker {
     /// Shuts the broker down: stops accepting and reading, delivers every message
     /// already queued, then closes every connection with the reason "broker shutting
     /// down" once its outbox is written. Resolves when every connection has ended.
+    /// A [local connection](crate::local) is closed at the same point, but its outbox
+    /// is the host's to read: what was queued for it is still handed out by
+    /// [`LocalConnection::recv`] after this returns, then the close.
     /// Calling it again, or from several tasks, waits for the same shutdown.
     ///
     /// In order: the futures from [`serve`](Broker::serve) finish; connections still

@@ -2,7 +2,8 @@
 //! same session map, workers and outboxes as a network connection, without a transport.
 //!
 //! A [`LocalConnection`] is what a server-side bot, a bridge to another system or a
-//! test would otherwise get from [`Client::connect_memory`](crate::Client): a user's
+//! test would otherwise get from
+//! [`ClientBuilder::connect_memory`](crate::ClientBuilder::connect_memory): a user's
 //! connection that joins sessions, publishes, sends direct messages and receives
 //! [`Event`]s. The difference is the path. A memory client's frames go through its
 //! connection's task, an in-process link and the client's reader, three hand-overs
@@ -17,15 +18,22 @@
 //! `max_sessions_per_connection`, is found by [`Broker::join`](crate::Broker::join),
 //! [`Broker::disconnect`](crate::Broker::disconnect) and direct messages to its user,
 //! and its outbox is bounded like any other: one that stops calling `recv` is a slow
-//! consumer, under the broker's policy. Three things of a network connection do not
-//! apply, because the host is the peer: the `on_connect` hook does not run for it (the
-//! host chose its user), the idle timeout never closes it, and `publish_rate` does not
-//! limit it. `on_disconnect` runs when it ends, as for every connection.
+//! consumer, under the broker's policy. What guards the broker against a peer across a
+//! transport does not apply, because the host is the peer: the `on_connect` hook does
+//! not run for it (the host chose its user), there is no handshake or its timeout, the
+//! idle timeout never closes it, no heartbeat is sent to it, no write can time out,
+//! and `publish_rate` does not limit it. Its sender stamp is the user the host gave.
+//! `on_disconnect` runs when it ends, as for every connection.
 //!
-//! One task receives, since [`recv`](LocalConnection::recv) takes `&mut self`; other
-//! tasks send through a [`LocalHandle`] from [`LocalConnection::handle`], the same
-//! connection's requests. The connection lives as long as its `LocalConnection`. A
-//! second local connection of the same user is no substitute for a handle: it is
+//! At shutdown a local connection is closed once what was queued before reached its
+//! outbox, like every connection, but shutdown does not wait for the host to take
+//! those frames: [`recv`](LocalConnection::recv) still hands them out, then the close,
+//! after [`Broker::shutdown`](crate::Broker::shutdown) has returned.
+//!
+//! One task receives, since [`recv`](LocalConnection::recv) takes `&mut self`. Other
+//! tasks make requests on the same connection through a [`LocalHandle`] from
+//! [`LocalConnection::handle`]. The connection lives as long as its `LocalConnection`.
+//! A second local connection of the same user is no substitute for a handle: it is
 //! another member, so it receives what the first one publishes.
 //!
 //! ```
@@ -74,11 +82,13 @@ use tracing::debug;
 /// [`Broker::connect_local`](crate::Broker::connect_local); see the [module
 /// docs](self) for what it shares with a network connection and what not.
 ///
-/// [`recv`](LocalConnection::recv) takes `&mut self`, so one task receives. The
-/// requests are [`LocalHandle`]'s, which this dereferences to; [`handle`] gives a
-/// clone for other tasks. The connection lives as long as this value: dropping it
-/// closes the connection, as [`close`](LocalHandle::close) does, and handles left over
-/// then fail with [`ClientError::Closed`].
+/// [`recv`](LocalConnection::recv) takes `&mut self`, so one task receives; the same
+/// events come from its [`Stream`] implementation. The requests are
+/// [`LocalHandle`]'s, which this dereferences to; [`handle`] gives a clone for other
+/// tasks. The connection lives as long as this value: dropping it closes the
+/// connection, as [`close`](LocalHandle::close) does but with the reason "dropped by
+/// the host" (`close` gives "closed by the host"), and handles left over then fail
+/// with [`ClientError::Closed`].
 ///
 /// [`handle`]: LocalConnection::handle
 pub struct LocalConnection {
@@ -94,11 +104,15 @@ pub struct LocalConnection {
     ended: bool,
 }
 
-/// The request side of a [`LocalConnection`]: joining and leaving sessions, publishing
-/// and direct messages, from any task. Cheap to clone.
+/// The request side of a [`LocalConnection`]: joining and leaving sessions, publishing,
+/// direct messages and closing, from any task. Cheap to clone. See
+/// [`LocalConnection::handle`] for an example.
 ///
-/// A handle does not keep the connection open: once its [`LocalConnection`] is
-/// dropped or closed, every request fails with [`ClientError::Closed`].
+/// A handle does not keep the connection open. Once the connection has ended, for
+/// whatever reason (its `LocalConnection` dropped, [`close`](LocalHandle::close), a
+/// slow-consumer close, the host's [`disconnect`](crate::Broker::disconnect), a
+/// replacement, shutdown), every request fails with [`ClientError::Closed`], carrying
+/// that reason.
 #[derive(Clone)]
 pub struct LocalHandle {
     core: Arc<Core>,
@@ -162,7 +176,36 @@ impl LocalConnection {
         })
     }
 
-    /// A handle for requests from other tasks.
+    /// A handle for requests on this connection from other tasks.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), switchboard::ClientError> {
+    /// use std::time::Duration;
+    /// use switchboard::{Broker, Event};
+    ///
+    /// let broker = Broker::builder().build();
+    /// let mut alice = broker.connect_local("alice")?;
+    /// alice.subscribe("room")?;
+    ///
+    /// // A bot receives in one task and ticks from another, as one connection.
+    /// let mut bot = broker.connect_local("bot")?;
+    /// bot.subscribe("room")?;
+    /// let ticker = bot.handle();
+    /// tokio::spawn(async move {
+    ///     let mut every = tokio::time::interval(Duration::from_millis(10));
+    ///     // Ends once the bot's connection is gone.
+    ///     while ticker.publish("room", "tick").await.is_ok() {
+    ///         every.tick().await;
+    ///     }
+    /// });
+    ///
+    /// alice.publish("room", "hello").await?;
+    /// let Some(Event::Message(hello)) = bot.recv().await else { panic!() };
+    /// assert_eq!(&*hello.sender, "alice");
+    /// let Some(Event::Message(tick)) = alice.recv().await else { panic!() };
+    /// assert_eq!((&*tick.sender, &tick.payload[..]), ("bot", &b"tick"[..]));
+    /// # Ok(()) }
+    /// ```
     pub fn handle(&self) -> LocalHandle {
         self.handle.clone()
     }
