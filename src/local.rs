@@ -527,6 +527,13 @@ impl Stream for LocalConnection {
     }
 }
 
+impl futures::stream::FusedStream for LocalConnection {
+    /// True once [`Event::Closed`] has been handed out.
+    fn is_terminated(&self) -> bool {
+        self.ended && self.next >= self.batch.len()
+    }
+}
+
 impl std::fmt::Debug for LocalConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalConnection")

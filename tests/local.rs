@@ -338,11 +338,14 @@ async fn close_hands_out_what_was_queued_then_the_close_and_dropping_frees_every
     for text in ["one", "two", "three"] {
         assert_eq!(next_payload(&mut bot).await, text);
     }
+    assert!(!futures::stream::FusedStream::is_terminated(&bot));
     let (code, reason) = closed(&mut bot).await;
     assert_eq!(
         (code, reason.as_str()),
         (ErrorCode::Normal, "closed by the host")
     );
+    assert!(futures::stream::FusedStream::is_terminated(&bot));
+    assert_eq!(within("the end", bot.next()).await, None);
     t.wait_until_empty().await;
 
     // A connection simply dropped is taken out the same way.
