@@ -146,7 +146,7 @@ impl MessageKind {
         }
     }
 
-    pub(crate) fn from_byte(b: u8) -> Option<MessageKind> {
+    fn from_byte(b: u8) -> Option<MessageKind> {
         match b {
             1 => Some(MessageKind::Session),
             2 => Some(MessageKind::Direct),
@@ -824,6 +824,49 @@ fn put_deliver_body(
     put_str16(buf, sender);
     put_str16(buf, target);
     buf.put_slice(payload);
+}
+
+/// The fields of an encoded `DELIVER` frame, read in place by [`read_deliver`]: the
+/// ids borrow the frame, and the payload is what follows `payload_at`.
+pub(crate) struct DeliverHeader<'a> {
+    pub id: u64,
+    pub kind: MessageKind,
+    pub sent_at_us: u64,
+    pub sender: &'a str,
+    pub target: &'a str,
+    pub payload_at: usize,
+}
+
+/// Reads the header of a whole encoded `DELIVER` frame, length prefix first, as
+/// [`encode_deliver`] writes it, without slicing the buffer: a frame shared by every
+/// member of a session is then read without touching its reference count. `None` for
+/// anything else, or a header cut short. The length prefix is not checked; the caller
+/// holds the frame whole.
+pub(crate) fn read_deliver(frame: &[u8]) -> Option<DeliverHeader<'_>> {
+    let u64_at = |at: usize| Some(u64::from_be_bytes(frame.get(at..at + 8)?.try_into().ok()?));
+    let str_at = |at: usize| -> Option<(&str, usize)> {
+        let len = u16::from_be_bytes(frame.get(at..at + 2)?.try_into().ok()?) as usize;
+        let text = std::str::from_utf8(frame.get(at + 2..at + 2 + len)?).ok()?;
+        Some((text, at + 2 + len))
+    };
+    if frame.get(LENGTH_PREFIX) != Some(&kind::DELIVER) {
+        return None;
+    }
+    // After the kind byte: id, message kind, time sent, then the two ids.
+    let at = LENGTH_PREFIX + 1;
+    let id = u64_at(at)?;
+    let kind = MessageKind::from_byte(*frame.get(at + 8)?)?;
+    let sent_at_us = u64_at(at + 9)?;
+    let (sender, at) = str_at(at + 17)?;
+    let (target, payload_at) = str_at(at)?;
+    Some(DeliverHeader {
+        id,
+        kind,
+        sent_at_us,
+        sender,
+        target,
+        payload_at,
+    })
 }
 
 /// The name of a frame kind byte, for logs and errors.

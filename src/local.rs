@@ -60,7 +60,7 @@ use crate::broker::Inner;
 use crate::client::{notice, shared_str, Event};
 use crate::connection::{self, ConnectionId, ConnectionState};
 use crate::error::ClientError;
-use crate::frame::{kind, ErrorCode, Frame, Text};
+use crate::frame::{read_deliver, ErrorCode, Frame, Text};
 use crate::heartbeat::Pulse;
 use crate::hooks::{self, DisconnectInfo};
 use crate::message::{from_unix_micros, Message, MessageKind, Target};
@@ -237,15 +237,15 @@ impl LocalConnection {
             self.batch.clear();
             self.next = 0;
 
-            match self.handle.core.state.outbox.take(&mut self.batch) {
+            let outbox = &self.handle.core.state.outbox;
+            match outbox.take(&mut self.batch) {
                 Batch::Frames => {
                     // Taken is as good as written: the frames are out of the broker's
                     // hands, and at most one take's worth waits here.
-                    let taken = self.batch.iter().map(Bytes::len).sum();
-                    self.handle.core.state.outbox.written(taken);
+                    outbox.written(self.batch.iter().map(Bytes::len).sum());
                 }
                 Batch::Empty => {
-                    if self.handle.core.state.outbox.poll_ready(cx).is_pending() {
+                    if outbox.poll_ready(cx).is_pending() {
                         return Poll::Pending;
                     }
                 }
@@ -267,9 +267,12 @@ impl LocalConnection {
     /// The event one queued frame stands for. The frames are the broker's own
     /// encoding, so none fails to decode; one that did would be skipped.
     fn event(&mut self, frame: Bytes) -> Option<Event> {
-        if frame.get(crate::frame::LENGTH_PREFIX) == Some(&kind::DELIVER) {
-            return self.message(frame).map(Event::Message);
-        }
+        let frame = match self.message(frame) {
+            Ok(message) => return Some(Event::Message(message)),
+            Err(frame) => frame,
+        };
+        // Besides deliveries, only the notices the broker queues itself: a local
+        // connection's requests are checked as they are made, so no ERROR comes.
         match Frame::decode_message(frame, usize::MAX).ok()? {
             Frame::Notice {
                 kind,
@@ -278,44 +281,23 @@ impl LocalConnection {
                 subject,
                 text,
             } => Some(Event::Notice(notice(kind, request, count, &subject, &text))),
-            Frame::Error {
-                request,
-                code,
-                reason,
-            } => Some(Event::Notice(crate::Notice::Error {
-                request,
-                code,
-                reason: reason.to_string(),
-            })),
             _ => None,
         }
     }
 
-    /// A `DELIVER` frame as a message. The payload is the frame itself, advanced past
-    /// its header, so taking it costs no reference count on the buffer that every
-    /// member of the session shares; the ids are read in place.
-    fn message(&mut self, mut frame: Bytes) -> Option<Message> {
-        // length, kind, id, message kind, sent at, then the two ids.
-        const FIXED: usize = 4 + 1 + 8 + 1 + 8;
-        let bytes = &frame[..];
-        let u64_at = |at: usize| -> Option<u64> {
-            Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+    /// A `DELIVER` frame as a message, or the frame back when it is none. The payload
+    /// is the frame itself, advanced past its header, so taking it costs no reference
+    /// count on the buffer that every member of the session shares; the ids are read
+    /// in place.
+    fn message(&mut self, mut frame: Bytes) -> Result<Message, Bytes> {
+        let Some(header) = read_deliver(&frame) else {
+            return Err(frame);
         };
-        let str_at = |at: usize| -> Option<(&str, usize)> {
-            let len = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
-            let text = std::str::from_utf8(bytes.get(at + 2..at + 2 + len)?).ok()?;
-            Some((text, at + 2 + len))
-        };
-        let id = u64_at(5)?;
-        let kind = MessageKind::from_byte(*bytes.get(13)?)?;
-        let sent_at_us = u64_at(14)?;
-        let (sender, at) = str_at(FIXED)?;
-        let (target, at) = str_at(at)?;
-        let sender = shared_str(&mut self.last_sender, sender);
-        let target = shared_str(&mut self.last_target, target);
-
-        frame.advance(at);
-        Some(Message {
+        let (kind, id, sent_at_us) = (header.kind, header.id, header.sent_at_us);
+        let sender = shared_str(&mut self.last_sender, header.sender);
+        let target = shared_str(&mut self.last_target, header.target);
+        frame.advance(header.payload_at);
+        Ok(Message {
             id,
             kind,
             sender,
@@ -636,7 +618,7 @@ mod tests {
         let frame = encode_deliver(7, MessageKind::Session, 1, "alice", "room", b"hello");
         // Every cut through the header leaves too little to read; none panics.
         for cut in 0..frame.len() - b"hello".len() {
-            assert_eq!(local.message(frame.slice(..cut)), None, "cut at {cut}");
+            assert_eq!(local.message(frame.slice(..cut)).ok(), None, "cut at {cut}");
         }
         let whole = local.message(frame).expect("the whole frame");
         assert_eq!(&whole.payload[..], b"hello");
