@@ -356,6 +356,24 @@ mod websocket {
         stream.flush().await.unwrap();
     }
 
+    /// Says HELLO in JSON, then writes one raw frame (`first` is its FIN and opcode
+    /// byte), and returns the broker and what arrived until the end.
+    async fn hello_then_raw_frame(
+        first: u8,
+        payload: &[u8],
+    ) -> (TestBroker, Vec<serde_json::Value>) {
+        let (t, addr) = ws_broker(|ws| ws).await;
+        let mut ws = open_ws(addr).await;
+        ws.send(WsMessage::text(
+            r#"{"type":"hello","version":1,"user":"bad"}"#,
+        ))
+        .await
+        .unwrap();
+        raw_ws_frame(&mut ws, first, payload).await;
+        let got = json_until_end(&mut ws).await;
+        (t, got)
+    }
+
     /// What arrived as text, parsed, until the end of the connection.
     async fn json_until_end(ws: &mut WebSocketStream<TcpStream>) -> Vec<serde_json::Value> {
         let mut got = Vec::new();
@@ -382,16 +400,8 @@ mod websocket {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_text_message_that_is_not_utf8_is_malformed() {
-        let (t, addr) = ws_broker(|ws| ws).await;
-        let mut ws = open_ws(addr).await;
-        ws.send(WsMessage::text(
-            r#"{"type":"hello","version":1,"user":"bad"}"#,
-        ))
-        .await
-        .unwrap();
         // FIN and opcode 1 (text), with bytes that are not UTF-8.
-        raw_ws_frame(&mut ws, 0x81, b"{\"type\":\"ping\xff\"}").await;
-        let got = json_until_end(&mut ws).await;
+        let (t, got) = hello_then_raw_frame(0x81, b"{\"type\":\"ping\xff\"}").await;
         let kinds: Vec<_> = got.iter().map(|v| v["type"].clone()).collect();
         assert_eq!(kinds, ["welcome", "error", "close"], "{got:?}");
         assert_eq!(got[1]["code"], 1, "{got:?}");
@@ -401,16 +411,8 @@ mod websocket {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_websocket_protocol_violation_is_refused_as_malformed() {
-        let (t, addr) = ws_broker(|ws| ws).await;
-        let mut ws = open_ws(addr).await;
-        ws.send(WsMessage::text(
-            r#"{"type":"hello","version":1,"user":"bad"}"#,
-        ))
-        .await
-        .unwrap();
         // FIN and opcode 3, which WebSocket reserves.
-        raw_ws_frame(&mut ws, 0x83, b"").await;
-        let got = json_until_end(&mut ws).await;
+        let (t, got) = hello_then_raw_frame(0x83, b"").await;
         let kinds: Vec<_> = got.iter().map(|v| v["type"].clone()).collect();
         assert_eq!(kinds, ["welcome", "error", "close"], "{got:?}");
         assert_eq!(got[1]["code"], 1, "{got:?}");
