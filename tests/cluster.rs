@@ -340,16 +340,22 @@ impl Drop for RedisServer {
     }
 }
 
+/// Two nodes of one cluster, each connected to Redis.
+async fn two_connected_nodes(url: &str, prefix: &str, ttl: Duration) -> (Node, Node) {
+    let a = Node::start(url, prefix, ttl).await;
+    let b = Node::start(url, prefix, ttl).await;
+    a.wait_connected().await;
+    b.wait_connected().await;
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_loses_nothing_silently() {
     let mut server = RedisServer::start();
     let url = server.url();
     let prefix = prefix("restart");
     let ttl = Duration::from_secs(2);
-    let a = Node::start(&url, &prefix, ttl).await;
-    let b = Node::start(&url, &prefix, ttl).await;
-    a.wait_connected().await;
-    b.wait_connected().await;
+    let (a, b) = two_connected_nodes(&url, &prefix, ttl).await;
 
     let mut a1 = a.client("a1").await;
     let a2 = a.client("a2").await;
@@ -518,10 +524,7 @@ async fn a_failed_registration_leaves_one_subscription() {
     let url = redis_url();
     let prefix = prefix("register");
     let ttl = Duration::from_secs(3);
-    let a = Node::start(&url, &prefix, ttl).await;
-    let b = Node::start(&url, &prefix, ttl).await;
-    a.wait_connected().await;
-    b.wait_connected().await;
+    let (a, b) = two_connected_nodes(&url, &prefix, ttl).await;
 
     let mut a1 = a.client("a1").await;
     let b1 = b.client("b1").await;
@@ -679,10 +682,7 @@ async fn entries_that_are_not_node_ids_are_skipped() {
     let url = redis_url();
     let prefix = prefix("junk");
     let ttl = Duration::from_secs(5);
-    let a = Node::start(&url, &prefix, ttl).await;
-    let b = Node::start(&url, &prefix, ttl).await;
-    a.wait_connected().await;
-    b.wait_connected().await;
+    let (a, b) = two_connected_nodes(&url, &prefix, ttl).await;
 
     let mut a1 = a.client("a1").await;
     let b1 = b.client("b1").await;
